@@ -1,0 +1,1 @@
+"""Starting workers (local processes, or joining torchrun) and watching them."""

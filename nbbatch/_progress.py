@@ -1,0 +1,208 @@
+"""Progress numbers (rate, ETA) and the terminal renderers; the clock is passed in.
+
+The launcher builds a `ProgressSnapshot` about once a second and hands it to a `Reporter`: a tqdm
+bar in a terminal, plain lines when output is not a TTY, an ipywidgets display in Jupyter
+(``nbbatch._ui.widgets``). Must not import torch, DuckDB or the launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TextIO
+
+__all__ = [
+    "PlainReporter",
+    "ProgressSnapshot",
+    "RateMeter",
+    "Reporter",
+    "TqdmReporter",
+    "WorkerProgress",
+    "format_duration",
+]
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class WorkerProgress:
+    """One worker's counters in the current attempt."""
+
+    rank: int
+    done: int
+    total: int
+    failed: int
+    status: str
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """What every progress display shows."""
+
+    run_name: str
+    run_id: str
+    status: str
+    total_batches: int
+    done_batches: int
+    committed_batches: int
+    failed_batches: int
+    rows: int
+    elapsed: float
+    rate: float | None
+    eta: float | None
+    workers: tuple[WorkerProgress, ...] = ()
+    metrics: dict[str, Any] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        """Share of planned batches done (1.0 for an empty plan)."""
+        return 1.0 if self.total_batches == 0 else min(1.0, self.done_batches / self.total_batches)
+
+
+class RateMeter:
+    """Items per second over a sliding window, and the ETA of the rest.
+
+    Example:
+        >>> t = [0.0]
+        >>> m = RateMeter(clock=lambda: t[0], window=10)
+        >>> m.add(0); t[0] = 2.0; m.add(100)
+        >>> m.rate()
+        50.0
+    """
+
+    def __init__(self, clock: Clock = time.monotonic, window: float = 15.0) -> None:
+        self.clock = clock
+        self.window = window
+        self.samples: deque[tuple[float, float]] = deque()
+
+    def add(self, total_done: float) -> None:
+        """Record the cumulative count now."""
+        now = self.clock()
+        self.samples.append((now, total_done))
+        while len(self.samples) > 2 and now - self.samples[1][0] > self.window:
+            self.samples.popleft()
+
+    def rate(self) -> float | None:
+        """Items per second, or None before two samples over a non-zero interval."""
+        if len(self.samples) < 2:
+            return None
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        if t1 <= t0:
+            return None
+        return (d1 - d0) / (t1 - t0)
+
+    def eta(self, remaining: float) -> float | None:
+        """Seconds left for ``remaining`` items at the current rate."""
+        rate = self.rate()
+        if remaining <= 0:
+            return 0.0
+        if not rate or rate <= 0:
+            return None
+        return remaining / rate
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1h02m``, ``3m05s``, ``12s`` or ``?``."""
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+class Reporter(Protocol):
+    """A progress display."""
+
+    def update(self, snapshot: ProgressSnapshot) -> None:
+        """Show the latest numbers (called about once a second)."""
+        ...
+
+    def close(self, snapshot: ProgressSnapshot) -> None:
+        """Show the final state and release the display."""
+        ...
+
+
+class NullReporter:
+    """Shows nothing."""
+
+    def update(self, snapshot: ProgressSnapshot) -> None:
+        return None
+
+    def close(self, snapshot: ProgressSnapshot) -> None:
+        return None
+
+
+class TqdmReporter:
+    """A tqdm bar over batches, with samples/s and errors in the postfix."""
+
+    def __init__(self, file: TextIO | None = None) -> None:
+        self.file = file
+        self.bar: Any = None
+
+    def update(self, snapshot: ProgressSnapshot) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=snapshot.total_batches, desc=snapshot.run_name, unit="batch", file=self.file,
+                            initial=snapshot.done_batches, dynamic_ncols=True)
+        self.bar.n = snapshot.done_batches
+        postfix = {"samples/s": f"{snapshot.rate:.0f}" if snapshot.rate else "?"}
+        if snapshot.failed_batches:
+            postfix["failed"] = str(snapshot.failed_batches)
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self, snapshot: ProgressSnapshot) -> None:
+        self.update(snapshot)
+        self.bar.set_description(f"{snapshot.run_name} [{snapshot.status}]")
+        self.bar.close()
+
+
+class PlainReporter:
+    """One log line every ``every`` seconds, for logs and CI (stdout is not a TTY)."""
+
+    def __init__(self, every: float = 10.0, clock: Clock = time.monotonic, stream: TextIO | None = None) -> None:
+        self.every = every
+        self.clock = clock
+        self.stream = stream
+        self.last: float | None = None
+
+    def _line(self, s: ProgressSnapshot) -> str:
+        rate = f"{s.rate:.1f} samples/s" if s.rate else "? samples/s"
+        return (
+            f"nbbatch {s.run_name}: {s.status} {s.done_batches}/{s.total_batches} batches "
+            f"({100 * s.fraction:.0f}%), {rate}, eta {format_duration(s.eta)}, failed {s.failed_batches}"
+        )
+
+    def _write(self, text: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(text + "\n")
+        stream.flush()
+
+    def update(self, snapshot: ProgressSnapshot) -> None:
+        now = self.clock()
+        if self.last is None or now - self.last >= self.every:
+            self.last = now
+            self._write(self._line(snapshot))
+
+    def close(self, snapshot: ProgressSnapshot) -> None:
+        self._write(self._line(snapshot))
+
+
+def terminal_reporter(stream: TextIO | None = None) -> Reporter:
+    """A tqdm bar on a TTY, plain lines otherwise."""
+    stream = stream or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        return TqdmReporter(stream)
+    return PlainReporter(stream=stream)
+
+
+logging.getLogger("nbbatch").addHandler(logging.NullHandler())

@@ -1,0 +1,181 @@
+"""The Run handle: a view of one run in the store, returned by `torch_batch_process`.
+
+It holds only the store path and the run id; every property reads the store, so a handle from
+another process (or an old one) always shows the current state. Must not import ``_launch``.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from typing import Any
+
+import duckdb
+
+from nbbatch._store import reader
+from nbbatch._store.control import stop_file
+
+__all__ = ["Run", "list_runs", "open_run"]
+
+DEFAULT_STORE = "nbbatch.duckdb"
+
+
+def default_store() -> str:
+    """``$NBBATCH_STORE`` or ``nbbatch.duckdb`` in the working directory."""
+    return os.environ.get("NBBATCH_STORE") or DEFAULT_STORE
+
+
+class Run:
+    """A run in a store: status, counts, reduced metrics and queries over its outputs.
+
+    Example:
+        >>> run = nbbatch.open_run("embeddings")                    # doctest: +SKIP
+        >>> run.status, run.reduced_metrics                         # doctest: +SKIP
+        ('done', {'accuracy': 0.1})
+        >>> run.outputs().df().head()                               # doctest: +SKIP
+    """
+
+    def __init__(self, store: str, run_id: str, summary: dict[str, Any] | None = None) -> None:
+        self.store = os.path.abspath(store)
+        self.id = run_id
+        self._summary = summary
+
+    # -- state ----------------------------------------------------------------------------------
+    def refresh(self) -> Run:
+        """Re-read the run from the store."""
+        with reader.reading(self.store) as con:
+            self._summary = reader.run_summary(con, self.id)
+        return self
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The run's row plus counts, as a dict (read fresh on each access)."""
+        return self.refresh()._summary or {}
+
+    def _get(self, key: str) -> Any:
+        return self.summary[key]
+
+    @property
+    def name(self) -> str:
+        """The run's name (pass it as ``run_name`` to resume)."""
+        if self._summary is not None:
+            return str(self._summary["name"])
+        return str(self._get("name"))
+
+    @property
+    def status(self) -> str:
+        """``running``, ``done``, ``failed`` or ``preempted``."""
+        return str(self._get("status"))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Batch and row counts: planned, committed, failed (skipped) and rows stored."""
+        s = self.summary
+        return {
+            "total_batches": int(s["real_batches"] or 0),
+            "committed_batches": int(s["committed_batches"]),
+            "rows": int(s["committed_rows"]),
+            "errors": int(s["errors"]),
+            "live_batches": int(s["done_at_start"] or 0) + int(s["live_batches"]),
+        }
+
+    @property
+    def reduced_metrics(self) -> dict[str, Any]:
+        """The wrapped reducers' results (over every attempt of the run)."""
+        return dict(self._get("reduced_metrics") or {})
+
+    @property
+    def output_dir(self) -> str:
+        """Folder of ``upload_path`` files (``rank_<r>/`` per worker) and TensorBoard logs."""
+        return str(self._get("output_dir"))
+
+    @property
+    def error(self) -> str | None:
+        """Why the last attempt failed, if it did."""
+        value = self._get("error")
+        return None if value is None else str(value)
+
+    # -- queries --------------------------------------------------------------------------------
+    def outputs(self) -> duckdb.DuckDBPyRelation:
+        """Stored outputs, one row per sample, ordered by ``sample_index``."""
+        return reader.outputs_relation(reader.relation_cursor(self.store), self.id)
+
+    def metrics(self) -> duckdb.DuckDBPyRelation:
+        """``report_metrics`` values, one row per (batch, name)."""
+        return reader.metrics_relation(reader.relation_cursor(self.store), self.id)
+
+    def errors(self) -> duckdb.DuckDBPyRelation:
+        """Failures with rank, batch_idx, dataset indices and traceback."""
+        return reader.errors_relation(reader.relation_cursor(self.store), self.id)
+
+    def batches(self) -> duckdb.DuckDBPyRelation:
+        """Committed batches with engine stats (rank, rows, seconds)."""
+        con = reader.relation_cursor(self.store)
+        return con.sql("SELECT * FROM batches WHERE run_id = $id ORDER BY global_batch", params={"id": self.id})
+
+    def sql(self, query: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
+        """Run SQL on the store; ``outputs`` names this run's outputs table (as a view)."""
+        con = reader.relation_cursor(self.store)
+        con.sql(f"CREATE OR REPLACE TEMP VIEW outputs AS SELECT * FROM ({reader.outputs_relation(con, self.id).sql_query()})")
+        return con.sql(query, params=params)
+
+    # -- control --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the live run to stop (preempt) at its next checkpoint."""
+        with open(stop_file(self.store, self.id), "w") as handle:
+            handle.write(str(time.time()))
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> Run:
+        """Block until the run leaves ``running`` (or ``timeout`` seconds pass)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.status == "running":
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {self.name!r} still running after {timeout}s")
+            time.sleep(poll)
+        return self
+
+    # -- display --------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        try:
+            s = self.summary
+        except Exception:  # a repr must not raise
+            return f"<nbbatch.Run {self.id} (store unavailable)>"
+        return (
+            f"<nbbatch.Run {s['name']!r} {s['status']}: {s['committed_batches']}/{s['real_batches']} batches, "
+            f"{s['committed_rows']} rows, {s['errors']} errors>"
+        )
+
+    def _repr_html_(self) -> str:
+        s = self.summary
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+            for k, v in [
+                ("name", s["name"]), ("status", s["status"]),
+                ("batches", f"{s['committed_batches']}/{s['real_batches']}"), ("rows", s["committed_rows"]),
+                ("errors", s["errors"]), ("workers", s["world_size"]), ("reduced metrics", s["reduced_metrics"] or {}),
+                ("output dir", s["output_dir"]), ("store", self.store),
+            ]
+        )
+        return f"<div><b>nbbatch run</b><table>{rows}</table></div>"
+
+
+def open_run(name_or_id: str, store: str | None = None) -> Run:
+    """Open a run by name or id.
+
+    Raises:
+        RunNotFound: no such run in the store.
+        StoreError: the store cannot be read.
+    """
+    path = store or default_store()
+    with reader.reading(path) as con:
+        summary = reader.run_summary(con, name_or_id)
+    return Run(path, str(summary["run_id"]), summary)
+
+
+def list_runs(store: str | None = None) -> list[Run]:
+    """Every run in the store, newest first."""
+    path = store or default_store()
+    with reader.reading(path) as con:
+        rows = reader.list_runs(con)
+    return [Run(path, str(r["run_id"]), r) for r in rows]

@@ -1,0 +1,161 @@
+"""Opening the store file: retries on DuckDB's file lock, one shared instance per process.
+
+DuckDB lets one process write a file, or many processes read it, never both at once. The run's
+writer therefore opens the file only for the few milliseconds of each flush and closes it again,
+and readers in other processes (the dashboard) open it read-only between flushes, retrying while
+the writer holds the lock. Inside one process every connection to a file must use the same
+configuration, so this module keeps at most one connection per file and upgrades it to
+read-write when the local writer needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import duckdb
+
+from nbbatch._store.schema import DDL, SCHEMA_VERSION
+
+__all__ = ["StoreOpenError", "close_all", "ensure_schema", "open_store", "pinned_connection"]
+
+_LOCK_RE = re.compile(r"Could not set lock|Conflicting lock", re.IGNORECASE)
+_guard = threading.RLock()
+
+
+class StoreOpenError(Exception):
+    """Raised with a user-facing message; ``_launch`` and ``_run`` turn it into StoreError."""
+
+
+@dataclass
+class _Entry:
+    con: duckdb.DuckDBPyConnection
+    read_only: bool
+    users: int = 0
+    pinned: bool = False
+
+
+_entries: dict[str, _Entry] = {}
+
+
+def _key(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _connect(path: str, read_only: bool, timeout: float) -> duckdb.DuckDBPyConnection:
+    """Connect, retrying while another process holds the file lock."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return duckdb.connect(path, read_only=read_only)
+        except duckdb.IOException as exc:
+            text = str(exc)
+            if _LOCK_RE.search(text) and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                continue
+            raise StoreOpenError(_explain(path, text, read_only)) from exc
+        except duckdb.Error as exc:
+            raise StoreOpenError(_explain(path, str(exc), read_only)) from exc
+
+
+def _explain(path: str, text: str, read_only: bool) -> str:
+    if _LOCK_RE.search(text):
+        pid = re.search(r"PID (\d+)", text)
+        who = f"process {pid.group(1)}" if pid else "another process"
+        return (
+            f"the store `{path}` stayed locked by {who}; close that process's DuckDB connection "
+            f"(e.g. `con.close()` in another notebook) or pass another `store=` path"
+        )
+    if "Read-only file system" in text or "Permission denied" in text:
+        return f"cannot open the store `{path}` for writing ({text.splitlines()[0]}); pass `store=` a writable path"
+    if "not a valid DuckDB database" in text or "Corrupt" in text or "corrupt" in text or "magic" in text:
+        return (
+            f"`{path}` is not a readable nbbatch store ({text.splitlines()[0]}); "
+            f"move it away or pass another `store=` path"
+        )
+    mode = "read" if read_only else "write"
+    return f"cannot {mode} the store `{path}`: {text.splitlines()[0] if text else 'unknown error'}"
+
+
+@contextmanager
+def open_store(path: str, *, write: bool, timeout: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Yield a cursor on ``path``; read-write if ``write``, else whatever this process has open.
+
+    The file's connection is closed on exit unless a reader pinned it or another user holds it.
+    """
+    key = _key(path)
+    if not write and not os.path.exists(path):
+        raise StoreOpenError(f"no store at `{path}`; run `torch_batch_process(..., store={path!r})` first")
+    with _guard:
+        entry = _entries.get(key)
+        if entry is not None and write and entry.read_only:
+            if entry.users:
+                raise StoreOpenError(f"the store `{path}` is being read in this process; retry when done")
+            entry.con.close()
+            entry = _Entry(_connect(path, False, timeout), read_only=False, pinned=entry.pinned)
+            _entries[key] = entry
+        elif entry is None:
+            entry = _Entry(_connect(path, not write, timeout), read_only=not write)
+            _entries[key] = entry
+        entry.users += 1
+        cursor = entry.con.cursor()
+    try:
+        yield cursor
+    finally:
+        with _guard:
+            try:
+                cursor.close()
+            except duckdb.Error:
+                pass
+            entry.users -= 1
+            if entry.users == 0 and not entry.pinned and _entries.get(key) is entry:
+                entry.con.close()
+                del _entries[key]
+
+
+def pinned_connection(path: str, timeout: float = 60.0) -> duckdb.DuckDBPyConnection:
+    """A long-lived cursor for relations handed to users (``Run.outputs()``).
+
+    It stays open until ``close_all`` or until the local writer upgrades it to read-write; a
+    relation made from an older cursor then raises DuckDB's "connection closed" error.
+    """
+    if not os.path.exists(path):
+        raise StoreOpenError(f"no store at `{path}`")
+    key = _key(path)
+    with _guard:
+        entry = _entries.get(key)
+        if entry is None:
+            entry = _Entry(_connect(path, True, timeout), read_only=True)
+            _entries[key] = entry
+        entry.pinned = True
+        return entry.con.cursor()
+
+
+def close_all(path: str | None = None) -> None:
+    """Close cached connections (all, or the one for ``path``) so other processes can write."""
+    with _guard:
+        keys = list(_entries) if path is None else [_key(path)]
+        for key in keys:
+            entry = _entries.pop(key, None)
+            if entry is not None:
+                entry.con.close()
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create missing tables and refuse a store written by an incompatible nbbatch."""
+    con.execute(DDL)
+    row = con.execute("SELECT value FROM nbbatch_meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        con.execute("INSERT INTO nbbatch_meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+    elif row[0] != SCHEMA_VERSION:
+        raise StoreOpenError(
+            f"the store was written by another nbbatch version (schema {row[0]}, this one reads "
+            f"{SCHEMA_VERSION}); use a new `store=` path"
+        )

@@ -1,0 +1,131 @@
+"""Read-side queries over the store, shared by the Run handle, the CLI and the dashboard.
+
+Every query uses bound parameters; table names come only from ``schema.outputs_table`` (hex run
+ids). Must not import anything from nbbatch but ``_store`` and ``_errors``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import duckdb
+
+from nbbatch._errors import RunNotFound, StoreError
+from nbbatch._store.connection import StoreOpenError, open_store, pinned_connection
+from nbbatch._store.schema import outputs_table
+
+__all__ = [
+    "RUN_COLUMNS",
+    "errors_relation",
+    "find_run",
+    "list_runs",
+    "metrics_relation",
+    "outputs_relation",
+    "reading",
+    "relation_cursor",
+    "run_summary",
+]
+
+RUN_COLUMNS = (
+    "run_id", "name", "status", "processor", "dataset_len", "batch_size", "max_batches", "checkpoint_interval",
+    "planned_batches", "real_batches", "world_size", "attempt", "done_at_start", "on_error", "max_failures",
+    "output_dir", "launch", "config", "reduced_metrics", "error", "host", "pid", "created_at", "started_at",
+    "updated_at", "finished_at",
+)
+
+_SUMMARY = f"""
+SELECT {", ".join("r." + c for c in RUN_COLUMNS)},
+       coalesce(b.committed, 0) AS committed_batches,
+       coalesce(b.rows, 0) AS committed_rows,
+       coalesce(p.batches, 0) AS live_batches,
+       coalesce(p.rows, 0) AS live_rows,
+       coalesce(p.failed, 0) AS live_failed,
+       coalesce(e.errors, 0) AS errors
+FROM runs r
+LEFT JOIN (SELECT run_id, count(*) AS committed, sum(rows) AS rows FROM batches GROUP BY run_id) b USING (run_id)
+LEFT JOIN (SELECT run_id, attempt, sum(batches) AS batches, sum(rows) AS rows, sum(failed) AS failed
+           FROM progress GROUP BY run_id, attempt) p ON p.run_id = r.run_id AND p.attempt = r.attempt
+LEFT JOIN (SELECT run_id, count(*) AS errors FROM errors GROUP BY run_id) e ON e.run_id = r.run_id
+"""
+
+
+@contextmanager
+def reading(path: str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short-lived read cursor on the store, as a StoreError on failure."""
+    try:
+        with open_store(path, write=False) as con:
+            yield con
+    except StoreOpenError as exc:
+        raise StoreError(str(exc)) from exc
+    except duckdb.CatalogException as exc:
+        raise StoreError(f"`{path}` holds no nbbatch tables ({str(exc).splitlines()[0]}); pass the right `store=`") from exc
+
+
+def relation_cursor(path: str) -> duckdb.DuckDBPyConnection:
+    """A long-lived cursor for relations handed to users."""
+    try:
+        return pinned_connection(path)
+    except StoreOpenError as exc:
+        raise StoreError(str(exc)) from exc
+
+
+def _row_dict(cursor: duckdb.DuckDBPyConnection, row: tuple[Any, ...]) -> dict[str, Any]:
+    names = [d[0] for d in cursor.description]
+    out = dict(zip(names, row))
+    for key in ("launch", "config", "reduced_metrics"):
+        if isinstance(out.get(key), str):
+            out[key] = json.loads(out[key])
+    return out
+
+
+def run_summary(con: duckdb.DuckDBPyConnection, name_or_id: str) -> dict[str, Any]:
+    """The run row plus counts; raises RunNotFound."""
+    cur = con.execute(_SUMMARY + " WHERE r.name = ? OR r.run_id = ?", [name_or_id, name_or_id])
+    rows = cur.fetchall()
+    row = rows[0] if rows else None
+    if row is None:
+        names = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY created_at DESC LIMIT 5").fetchall()]
+        hint = f" (recent runs: {', '.join(names)})" if names else " (the store has no runs yet)"
+        raise RunNotFound(f"no run named {name_or_id!r} in this store{hint}; `nbbatch runs` lists them")
+    return _row_dict(cur, row)
+
+
+def find_run(con: duckdb.DuckDBPyConnection, name_or_id: str) -> str:
+    """The run id of a name or id."""
+    return str(run_summary(con, name_or_id)["run_id"])
+
+
+def list_runs(con: duckdb.DuckDBPyConnection, limit: int | None = None) -> list[dict[str, Any]]:
+    """Summaries of every run, newest first."""
+    query = _SUMMARY + " ORDER BY r.created_at DESC" + (" LIMIT ?" if limit else "")
+    cur = con.execute(query, [limit] if limit else [])
+    return [_row_dict(cur, row) for row in cur.fetchall()]
+
+
+def outputs_relation(con: duckdb.DuckDBPyConnection, run_id: str) -> duckdb.DuckDBPyRelation:
+    """One row per stored sample, in dataset order."""
+    table = outputs_table(run_id)
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
+    ).fetchall()
+    if not exists[0][0]:
+        return con.sql(
+            "SELECT NULL::VARCHAR AS run_id, NULL::INTEGER AS rank, NULL::BIGINT AS batch_idx, "
+            "NULL::BIGINT AS global_batch, NULL::BIGINT AS sample_index WHERE false"
+        )
+    return con.sql(f"SELECT * FROM {table} ORDER BY sample_index")
+
+
+def metrics_relation(con: duckdb.DuckDBPyConnection, run_id: str) -> duckdb.DuckDBPyRelation:
+    """Reported metrics, long format."""
+    return con.sql("SELECT * FROM metrics WHERE run_id = $run_id ORDER BY reported_at", params={"run_id": run_id})
+
+
+def errors_relation(con: duckdb.DuckDBPyConnection, run_id: str) -> duckdb.DuckDBPyRelation:
+    """Recorded failures, oldest first."""
+    return con.sql("SELECT * FROM errors WHERE run_id = $run_id ORDER BY occurred_at", params={"run_id": run_id})
+
+

@@ -1,0 +1,460 @@
+"""The store's only writer: creates and resumes runs and commits checkpoints in one transaction.
+
+One process per store writes (the launcher, or rank 0 under torchrun). A sidecar file lock
+(``<store>.lock``) keeps a second live run out with a clear error; the DuckDB file itself is opened
+only for each flush, so dashboards in other processes can read between flushes.
+Must not import anything from nbbatch but ``_events``, ``_errors`` and ``_store``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pickle
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import duckdb
+import pyarrow as pa
+
+from nbbatch._errors import ResumeMismatch, StoreBusy, StoreError
+from nbbatch._events import BatchDone, BatchFailed, MetricRecord
+from nbbatch._store.arrow import outputs_table, rows_table, timestamp
+from nbbatch._store.connection import StoreOpenError, ensure_schema, open_store
+from nbbatch._store.schema import outputs_table as outputs_table_name
+
+__all__ = ["Commit", "ProgressRow", "RunRecord", "RunSpec", "StoreWriter"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a launch asks of the store: a name (or None for a new run) and the run's fingerprint."""
+
+    name: str | None
+    processor: str
+    dataset_len: int
+    batch_size: int
+    max_batches: int | None
+    checkpoint_interval: int
+    world_size: int
+    planned_batches: int
+    real_batches: int
+    on_error: str
+    max_failures: int | None
+    output_root: str
+    launch: dict[str, Any] | None
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """The store's answer: which run this is and what of it is already committed."""
+
+    run_id: str
+    name: str
+    status: str
+    attempt: int
+    planned_batches: int
+    output_dir: str
+    done: frozenset[int]
+    reducer_states: tuple[tuple[int, int, tuple[bytes, ...]], ...]
+    failures: int
+
+
+@dataclass(frozen=True)
+class ProgressRow:
+    """Live counters of one worker in the current attempt."""
+
+    rank: int
+    batches: int
+    rows: int
+    failed: int
+    todo: int
+    current_batch: int | None
+    status: str
+
+
+@dataclass
+class Commit:
+    """Everything written in one transaction."""
+
+    batches: list[tuple[BatchDone, int]] = field(default_factory=list)
+    reducer_states: dict[int, tuple[int, tuple[bytes, ...]]] = field(default_factory=dict)
+    metrics: list[tuple[int, int | None, int | None, MetricRecord]] = field(default_factory=list)
+    errors: list[BatchFailed] = field(default_factory=list)
+    progress: list[ProgressRow] = field(default_factory=list)
+    log: tuple[float, int, int, int] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.batches or self.reducer_states or self.metrics or self.errors or self.progress or self.log)
+
+
+_BATCH_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("global_batch", pa.int64()),
+        ("rank", pa.int32()),
+        ("batch_idx", pa.int64()),
+        ("attempt", pa.int32()),
+        ("rows", pa.int64()),
+        ("first_index", pa.int64()),
+        ("started_at", pa.timestamp("us")),
+        ("seconds", pa.float64()),
+        ("committed_at", pa.timestamp("us")),
+    ]
+)
+_METRIC_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("rank", pa.int32()),
+        ("global_batch", pa.int64()),
+        ("batch_idx", pa.int64()),
+        ("group", pa.string()),
+        ("steps_completed", pa.int64()),
+        ("name", pa.string()),
+        ("value", pa.float64()),
+        ("value_json", pa.string()),
+        ("reported_at", pa.timestamp("us")),
+    ]
+)
+_ERROR_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("attempt", pa.int32()),
+        ("rank", pa.int32()),
+        ("global_batch", pa.int64()),
+        ("batch_idx", pa.int64()),
+        ("indices", pa.list_(pa.int64())),
+        ("exc_type", pa.string()),
+        ("message", pa.string()),
+        ("traceback", pa.string()),
+        ("fatal", pa.bool_()),
+        ("occurred_at", pa.timestamp("us")),
+    ]
+)
+_PROGRESS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("attempt", pa.int32()),
+        ("rank", pa.int32()),
+        ("batches", pa.int64()),
+        ("rows", pa.int64()),
+        ("failed", pa.int64()),
+        ("todo", pa.int64()),
+        ("current_batch", pa.int64()),
+        ("status", pa.string()),
+        ("updated_at", pa.timestamp("us")),
+    ]
+)
+
+
+def jsonable(value: Any) -> Any:
+    """Convert numpy/torch scalars and arrays into JSON-friendly Python values."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return jsonable(value.tolist())
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def _metric_value(value: Any) -> tuple[float | None, str | None]:
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(value, bool):
+        return float(value), None
+    if isinstance(value, (int, float)):
+        return float(value), None
+    return None, json.dumps(jsonable(value))
+
+
+class StoreWriter:
+    """Owns the store for one live run: lock, run row, commits.
+
+    Example:
+        >>> w = StoreWriter("nbbatch.duckdb")            # doctest: +SKIP
+        >>> record = w.begin(spec)                       # doctest: +SKIP
+    """
+
+    def __init__(self, path: str, *, timeout: float = 60.0) -> None:
+        self.path = os.path.abspath(path)
+        self.timeout = timeout
+        self._lock_file: IO[str] | None = None
+        self._tables: set[str] = set()
+        self._acquire_lock()
+        try:
+            with self._open() as con:
+                ensure_schema(con)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lock -----------------------------------------------------------------------------------
+    def _acquire_lock(self) -> None:
+        parent = os.path.dirname(self.path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            handle = open(self.path + ".lock", "a+")
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write to the store `{self.path}` ({exc.strerror}); pass `store=` a writable path"
+            ) from exc
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise StoreBusy(
+                f"the store `{self.path}` is in use by a live run ({holder}); wait for it to end, "
+                f"stop it (`nbbatch.open_run(...).stop()`), or pass another `store=` path"
+            ) from None
+        self._lock_file = handle
+        self._set_holder("starting")
+
+    def _set_holder(self, what: str) -> None:
+        assert self._lock_file is not None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(f"run {what}, pid {os.getpid()} on {socket.gethostname()}")
+        self._lock_file.flush()
+
+    def close(self) -> None:
+        """Release the store lock; the file itself is already closed between flushes."""
+        if self._lock_file is not None:
+            try:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            finally:
+                self._lock_file.close()
+                self._lock_file = None
+
+    def _open(self) -> Any:
+        try:
+            return open_store(self.path, write=True, timeout=self.timeout)
+        except StoreOpenError as exc:
+            raise StoreError(str(exc)) from exc
+
+    # -- runs -----------------------------------------------------------------------------------
+    def begin(self, spec: RunSpec) -> RunRecord:
+        """Create a run, or resume the named one; refuse a different fingerprint."""
+        now = timestamp(time.time())
+        with self._open() as con:
+            row = None
+            if spec.name is not None:
+                row = con.execute(
+                    "SELECT run_id, status, processor, dataset_len, batch_size, max_batches, attempt, "
+                    "planned_batches, output_dir FROM runs WHERE name = ? OR run_id = ?",
+                    [spec.name, spec.name],
+                ).fetchone()
+            if row is None:
+                run_id = uuid.uuid4().hex[:12]
+                name = spec.name or time.strftime("run-%Y%m%d-%H%M%S-") + run_id[:4]
+                output_dir = os.path.join(spec.output_root, name)
+                con.execute(
+                    "INSERT INTO runs (run_id, name, status, processor, dataset_len, batch_size, max_batches, "
+                    "checkpoint_interval, planned_batches, real_batches, world_size, attempt, done_at_start, "
+                    "on_error, max_failures, output_dir, launch, config, host, pid, created_at, started_at, "
+                    "updated_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, 1, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        run_id, name, spec.processor, spec.dataset_len, spec.batch_size, spec.max_batches,
+                        spec.checkpoint_interval, spec.planned_batches, spec.real_batches, spec.world_size,
+                        spec.on_error, spec.max_failures, output_dir,
+                        json.dumps(spec.launch) if spec.launch else None, json.dumps(jsonable(spec.config)),
+                        socket.gethostname(), os.getpid(), now, now, now,
+                    ],
+                )
+                self._set_holder(repr(name))
+                return RunRecord(run_id, name, "running", 1, spec.planned_batches, output_dir, frozenset(), (), 0)
+            run_id, status, processor, dataset_len, batch_size, max_batches, attempt, planned, output_dir = row
+            stored = {"dataset_len": dataset_len, "batch_size": batch_size, "processor": processor, "max_batches": max_batches}
+            given = {"dataset_len": spec.dataset_len, "batch_size": spec.batch_size, "processor": spec.processor, "max_batches": spec.max_batches}
+            for key in ("dataset_len", "batch_size", "processor", "max_batches"):
+                if stored[key] != given[key]:
+                    raise ResumeMismatch(
+                        f"run {spec.name!r} in `{self.path}` was started with {key}={stored[key]!r}, "
+                        f"this call has {key}={given[key]!r}; pass the same {key} to resume it, or "
+                        f"choose a new `run_name`",
+                        field=key, stored=stored[key], given=given[key],
+                    )
+            name = con.execute("SELECT name FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
+            done = frozenset(
+                int(g) for (g,) in con.execute("SELECT global_batch FROM batches WHERE run_id = ?", [run_id]).fetchall()
+            )
+            states = tuple(
+                (int(a), int(r), tuple(pickle.loads(blob)))
+                for a, r, blob in con.execute(
+                    "SELECT attempt, rank, states FROM reducer_state WHERE run_id = ? ORDER BY attempt, rank", [run_id]
+                ).fetchall()
+            )
+            failures = 0
+            if status == "done":
+                return RunRecord(run_id, name, status, int(attempt), int(planned), output_dir, done, states, failures)
+            attempt = int(attempt) + 1
+            con.execute(
+                "UPDATE runs SET status = 'running', attempt = ?, world_size = ?, done_at_start = ?, error = NULL, "
+                "on_error = ?, max_failures = ?, checkpoint_interval = ?, launch = coalesce(?, launch), host = ?, "
+                "pid = ?, started_at = ?, updated_at = ?, finished_at = NULL WHERE run_id = ?",
+                [
+                    attempt, spec.world_size, len(done), spec.on_error, spec.max_failures, spec.checkpoint_interval,
+                    json.dumps(spec.launch) if spec.launch else None, socket.gethostname(), os.getpid(), now, now, run_id,
+                ],
+            )
+            self._set_holder(repr(name))
+            return RunRecord(run_id, name, "running", attempt, int(planned), output_dir, done, states, failures)
+
+    def finish(self, record: RunRecord, status: str, reduced: dict[str, Any] | None, error: str | None) -> None:
+        """Set the run's final status (``done``, ``failed``, ``preempted``)."""
+        now = timestamp(time.time())
+        with self._open() as con:
+            con.execute(
+                "UPDATE runs SET status = ?, reduced_metrics = coalesce(?, reduced_metrics), error = ?, "
+                "updated_at = ?, finished_at = ? WHERE run_id = ?",
+                [status, json.dumps(jsonable(reduced)) if reduced is not None else None, error, now, now, record.run_id],
+            )
+            con.execute(
+                "UPDATE progress SET status = CASE WHEN status = 'running' THEN ? ELSE status END "
+                "WHERE run_id = ? AND attempt = ?",
+                [status, record.run_id, record.attempt],
+            )
+
+    # -- commits --------------------------------------------------------------------------------
+    def commit(self, record: RunRecord, commit: Commit) -> None:
+        """Write one flush in one transaction: all of it lands, or none of it."""
+        if not commit:
+            return
+        run_id = record.run_id
+        now = time.time()
+        try:
+            with self._open() as con:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    self._write(con, record, commit, now)
+                    con.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", [timestamp(now), run_id])
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+        except duckdb.Error as exc:
+            raise StoreError(_explain_write(self.path, exc)) from exc
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise StoreError(
+                f"an output column changed type between batches ({exc}); return the same keys, dtypes "
+                f"and per-sample shapes from every `process_batch` call (pad, or return Python lists "
+                f"for ragged values)"
+            ) from exc
+
+    def _write(self, con: duckdb.DuckDBPyConnection, record: RunRecord, commit: Commit, now: float) -> None:
+        run_id = record.run_id
+        if commit.batches:
+            rows = [
+                {
+                    "run_id": run_id, "global_batch": b.global_batch, "rank": b.rank, "batch_idx": b.batch_idx,
+                    "attempt": record.attempt, "rows": b.rows, "first_index": first, "started_at": timestamp(b.started_at),
+                    "seconds": b.seconds, "committed_at": timestamp(now),
+                }
+                for b, first in commit.batches
+            ]
+            self._insert(con, "batches", rows_table(rows, _BATCH_SCHEMA))
+            with_outputs = [
+                (b.rank, b.batch_idx, b.global_batch, first, b.outputs) for b, first in commit.batches if b.outputs
+            ]
+            if with_outputs:
+                self._insert_outputs(con, run_id, outputs_table(run_id, with_outputs))
+        if commit.metrics:
+            self._insert(con, "metrics", rows_table(list(_metric_rows(run_id, commit.metrics)), _METRIC_SCHEMA))
+        if commit.errors:
+            rows = [
+                {
+                    "run_id": run_id, "attempt": record.attempt, "rank": e.rank, "global_batch": e.global_batch,
+                    "batch_idx": e.batch_idx, "indices": list(e.indices), "exc_type": e.exc_type, "message": e.message,
+                    "traceback": e.traceback, "fatal": e.fatal, "occurred_at": timestamp(e.t),
+                }
+                for e in commit.errors
+            ]
+            self._insert(con, "errors", rows_table(rows, _ERROR_SCHEMA))
+        for rank, (step, states) in sorted(commit.reducer_states.items()):
+            con.execute(
+                "INSERT OR REPLACE INTO reducer_state VALUES (?, ?, ?, ?, ?)",
+                [run_id, record.attempt, rank, step, pickle.dumps(states)],
+            )
+        if commit.progress:
+            rows = [
+                {
+                    "run_id": run_id, "attempt": record.attempt, "rank": p.rank, "batches": p.batches, "rows": p.rows,
+                    "failed": p.failed, "todo": p.todo, "current_batch": p.current_batch, "status": p.status,
+                    "updated_at": timestamp(now),
+                }
+                for p in commit.progress
+            ]
+            con.register("_nbbatch_progress", rows_table(rows, _PROGRESS_SCHEMA))
+            con.execute("INSERT OR REPLACE INTO progress SELECT * FROM _nbbatch_progress")
+            con.unregister("_nbbatch_progress")
+        if commit.log is not None:
+            t, batches, rows_done, committed = commit.log
+            con.execute(
+                "INSERT INTO progress_log VALUES (?, ?, ?, ?, ?, ?)",
+                [run_id, record.attempt, timestamp(t), batches, rows_done, committed],
+            )
+
+    def _insert(self, con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
+        con.register("_nbbatch_rows", data)
+        try:
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_rows")
+        finally:
+            con.unregister("_nbbatch_rows")
+
+    def _insert_outputs(self, con: duckdb.DuckDBPyConnection, run_id: str, data: pa.Table) -> None:
+        table = outputs_table_name(run_id)
+        con.register("_nbbatch_out", data)
+        try:
+            if table not in self._tables:
+                con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM _nbbatch_out LIMIT 0")
+                self._tables.add(table)
+            have = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
+            for name, kind, *_ in con.execute("DESCRIBE _nbbatch_out").fetchall():
+                if name not in have:
+                    con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {kind}')
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_out")
+        finally:
+            con.unregister("_nbbatch_out")
+
+
+def _metric_rows(
+    run_id: str, metrics: Iterable[tuple[int, int | None, int | None, MetricRecord]]
+) -> Iterable[dict[str, Any]]:
+    for rank, global_batch, batch_idx, record in metrics:
+        for name, value in record.metrics:
+            number, text = _metric_value(value)
+            yield {
+                "run_id": run_id, "rank": rank, "global_batch": global_batch, "batch_idx": batch_idx,
+                "group": record.group, "steps_completed": record.steps_completed, "name": name, "value": number,
+                "value_json": text, "reported_at": timestamp(record.reported_at),
+            }
+
+
+def _explain_write(path: str, exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "No space left" in text or "disk" in text.lower() and "full" in text.lower():
+        return (
+            f"the disk holding `{path}` is full ({text}); nothing of this flush was written. Free space, "
+            f"then resume the run with the same `run_name`"
+        )
+    if "Conversion Error" in text or "Could not convert" in text or "cast" in text.lower():
+        return (
+            f"an output column does not match the type stored by earlier batches ({text}); return the "
+            f"same dtypes and per-sample shapes from every `process_batch` call"
+        )
+    return f"writing to the store `{path}` failed ({text}); committed batches are intact, resume with the same `run_name`"
+
+

@@ -1,0 +1,1 @@
+"""The per-worker side: batch loop, checkpoint barrier, reducers. Never touches DuckDB."""

@@ -1,0 +1,247 @@
+"""The batch loop of one worker, with Determined's order of calls and checkpoint cadence.
+
+The same loop runs under the local launcher (events go down a pipe) and under torchrun (events
+reach rank 0 through torch.distributed). Must not import DuckDB, ``_launch`` or ``_ui``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cloudpickle
+from torch.utils.data import DataLoader
+
+from nbbatch._events import (
+    BatchDone,
+    BatchFailed,
+    BatchStarted,
+    CheckpointDone,
+    Event,
+    Reduced,
+    WorkerFinished,
+    WorkerReady,
+)
+from nbbatch._plan import Sharding
+from nbbatch._processor import TorchBatchProcessorContext, _plain, get_default_device, run_cross_slot_reduction
+from nbbatch._worker.collective import Coordinator
+from nbbatch._worker.outputs import to_columns
+
+__all__ = ["Sink", "WorkerSpec", "run_loop"]
+
+logger = logging.getLogger("nbbatch")
+
+
+class Sink(Protocol):
+    """Where a worker's events go."""
+
+    def emit(self, event: Event) -> None:
+        """Send one event (non-blocking in spirit)."""
+        ...
+
+    def flush(self, coordinator: Coordinator) -> None:
+        """Called on every rank right after each checkpoint event (a collective point)."""
+        ...
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs. ``user`` is the cloudpickled ``(processor_cls, dataset,
+    dataloader_kwargs)``: pickled once in the caller, so notebook classes travel by value and an
+    unpicklable dataset fails there, not in a worker."""
+
+    user: bytes
+    sharding: Sharding
+    done: frozenset[int]
+    checkpoint_interval: int
+    on_error: str
+    max_failures: int | None
+    output_dir: str
+    prior_reducer_states: tuple[tuple[int, int, tuple[bytes, ...]], ...] = ()
+    run_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Fatal(Exception):
+    """A fatal worker error already reported as an event; unwinds the loop."""
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return pickle.dumps(value)
+    except Exception:
+        return cloudpickle.dumps(value)
+
+
+def _failure(rank: int, g: int | None, k: int | None, indices: range | tuple[int, ...], exc: BaseException, fatal: bool) -> BatchFailed:
+    return BatchFailed(
+        rank=rank,
+        global_batch=g,
+        batch_idx=k,
+        indices=tuple(indices),
+        exc_type=type(exc).__name__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        fatal=fatal,
+        t=time.time(),
+    )
+
+
+def _loader(spec: WorkerSpec, dataset: Any, dataloader_kwargs: dict[str, Any], todo: list[int]) -> Any:
+    kwargs = dict(dataloader_kwargs)
+    for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+        kwargs.pop(key, None)
+    batches = [list(spec.sharding.indices(g)) for g in todo]
+    return iter(DataLoader(dataset, batch_sampler=batches, **kwargs))
+
+
+def run_loop(
+    spec: WorkerSpec,
+    rank: int,
+    local_rank: int,
+    coordinator: Coordinator,
+    sink: Sink,
+    stop_requested: Callable[[], bool],
+) -> str:
+    """Run one worker's share of the plan; returns ``done``, ``preempted`` or ``failed``."""
+    sharding = spec.sharding
+    world = sharding.world_size
+    context = TorchBatchProcessorContext(
+        rank=rank, world_size=world, local_rank=local_rank, output_dir=spec.output_dir,
+        device=get_default_device(local_rank),
+    )
+    try:
+        processor_cls, dataset, dataloader_kwargs = cloudpickle.loads(spec.user)
+        processor = processor_cls(context=context)
+    except Exception as exc:
+        sink.emit(_failure(rank, None, None, (), exc, fatal=True))
+        return "failed"
+    sink.emit(WorkerReady(rank=rank, pid=os.getpid(), host=socket.gethostname(), t=time.time()))
+
+    todo = sharding.todo(rank, spec.done)
+    todo_set = set(todo)
+    try:
+        batches = _loader(spec, dataset, dataloader_kwargs, todo)
+    except Exception as exc:
+        sink.emit(_failure(rank, None, None, (), exc, fatal=True))
+        return "failed"
+    failures = 0
+    skip = sharding.start_batch_idx(spec.done)
+    last_checkpoint = -1
+    batch_idx = skip
+
+    def checkpoint(step: int, check_stop: bool) -> tuple[bool, bool]:
+        nonlocal failures
+        try:
+            processor.on_checkpoint_start()
+        except Exception as exc:
+            sink.emit(_failure(rank, None, None, (), exc, fatal=True))
+            raise _Fatal from exc
+        stop, total_failures = coordinator.sync(check_stop and stop_requested(), failures)
+        too_many = spec.max_failures is not None and total_failures > spec.max_failures
+        try:
+            states = tuple(_dumps(w.per_slot_reduce()) for w in context._wrapped_reducers)
+        except Exception as exc:
+            sink.emit(_failure(rank, None, None, (), exc, fatal=True))
+            raise _Fatal from exc
+        sink.emit(CheckpointDone(rank, step, states, context._take_metrics(), stop=stop and check_stop, failed=too_many))
+        sink.flush(coordinator)
+        logger.debug("Completed steps:  %d and checkpointing", step)
+        return stop and check_stop, too_many
+
+    try:
+        for batch_idx in range(skip, sharding.iterate_length):
+            g = sharding.global_batch(rank, batch_idx)
+            if g in todo_set:
+                indices = sharding.indices(g)
+                started = time.time()
+                sink.emit(BatchStarted(rank, g, batch_idx, started))
+                context._global_batch = g
+                try:
+                    batch = next(batches)
+                    value = processor.process_batch(batch=batch, batch_idx=batch_idx)
+                    columns = to_columns(value, len(indices))
+                except Exception as exc:
+                    fatal = spec.on_error == "raise"
+                    context._take_metrics()
+                    sink.emit(_failure(rank, g, batch_idx, indices, exc, fatal=fatal))
+                    if fatal:
+                        return "failed"
+                    failures += 1
+                else:
+                    sink.emit(
+                        BatchDone(rank, g, batch_idx, len(indices), started, time.time() - started, columns,
+                                  context._take_metrics())
+                    )
+            if (batch_idx + 1) % spec.checkpoint_interval == 0:
+                stop, too_many = checkpoint(batch_idx + 1, check_stop=True)
+                last_checkpoint = batch_idx
+                if too_many:
+                    sink.emit(WorkerFinished(rank, "failed", context._take_metrics(), context._use_default_storage))
+                    return "failed"
+                if stop:
+                    _reduce(spec, rank, context, coordinator, sink)
+                    sink.emit(WorkerFinished(rank, "preempted", context._take_metrics(), context._use_default_storage))
+                    return "preempted"
+        if batch_idx > last_checkpoint:
+            _, too_many = checkpoint(sharding.iterate_length, check_stop=False)
+            if too_many:
+                sink.emit(WorkerFinished(rank, "failed", context._take_metrics(), context._use_default_storage))
+                return "failed"
+        _reduce(spec, rank, context, coordinator, sink)
+        try:
+            processor.on_finish()
+        except Exception as exc:
+            sink.emit(_failure(rank, None, None, (), exc, fatal=True))
+            return "failed"
+        sink.emit(WorkerFinished(rank, "done", context._take_metrics(), context._use_default_storage))
+        return "done"
+    except _Fatal:
+        return "failed"
+
+
+def _reduce(spec: WorkerSpec, rank: int, context: TorchBatchProcessorContext, coordinator: Coordinator, sink: Sink) -> None:
+    """Determined's ``_reduce_metrics``, plus the per-slot states committed by earlier attempts."""
+    wrapped = context._wrapped_reducers
+    if not wrapped:
+        return
+    try:
+        per_slot = [w.per_slot_reduce() for w in wrapped]
+    except Exception as exc:
+        sink.emit(_failure(rank, None, None, (), exc, fatal=True))
+        raise _Fatal from exc
+    gathered = coordinator.gather(per_slot)
+    if gathered is None:
+        return
+    try:
+        prior = []
+        for attempt, prior_rank, states in spec.prior_reducer_states:
+            if len(states) != len(wrapped):
+                raise RuntimeError(
+                    f"attempt {attempt} rank {prior_rank} stored {len(states)} reducer states but the processor "
+                    f"now wraps {len(wrapped)} reducers; wrap the same reducers on every run of `run_name`"
+                )
+            prior.append([pickle.loads(s) for s in states])
+        metrics = run_cross_slot_reduction(wrapped, prior + list(gathered))
+    except Exception as exc:
+        sink.emit(_failure(rank, None, None, (), exc, fatal=True))
+        raise _Fatal from exc
+    sink.emit(Reduced({str(k): _plain_tree(v) for k, v in metrics.items()}))
+
+
+def _plain_tree(value: Any) -> Any:
+    """Tensors and numpy values inside reduced metrics become Python values (cheap to pickle)."""
+    if isinstance(value, dict):
+        return {k: _plain_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_tree(v) for v in value)
+    return _plain(value)
+
+
