@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import duckdb
 
 from nbbatch._store.schema import DDL, SCHEMA_VERSION
 
-__all__ = ["StoreOpenError", "close_all", "ensure_schema", "open_store", "pinned_connection"]
+__all__ = ["StoreOpenError", "close_all", "ensure_schema", "open_store", "relation_connection", "writing"]
 
 _LOCK_RE = re.compile(r"Could not set lock|Conflicting lock", re.IGNORECASE)
 _guard = threading.RLock()
@@ -37,10 +38,12 @@ class _Entry:
     con: duckdb.DuckDBPyConnection
     read_only: bool
     users: int = 0
-    pinned: bool = False
 
 
 _entries: dict[str, _Entry] = {}
+# Connections behind relations handed to users; weak, so a relation's file handle goes away with it.
+_relation_cons: dict[str, list[weakref.ref[duckdb.DuckDBPyConnection]]] = {}
+_writers: dict[str, int] = {}
 
 
 def _key(path: str) -> str:
@@ -75,7 +78,7 @@ def _explain(path: str, text: str, read_only: bool) -> str:
         )
     if "Read-only file system" in text or "Permission denied" in text:
         return f"cannot open the store `{path}` for writing ({text.splitlines()[0]}); pass `store=` a writable path"
-    if "not a valid DuckDB database" in text or "Corrupt" in text or "corrupt" in text or "magic" in text:
+    if "not a valid DuckDB database" in text or "orrupt" in text or "magic" in text:
         return (
             f"`{path}` is not a readable nbbatch store ({text.splitlines()[0]}); "
             f"move it away or pass another `store=` path"
@@ -84,11 +87,19 @@ def _explain(path: str, text: str, read_only: bool) -> str:
     return f"cannot {mode} the store `{path}`: {text.splitlines()[0] if text else 'unknown error'}"
 
 
+def _close_relation_connections(key: str) -> None:
+    """Close read-only connections behind user relations so the local writer can open read-write."""
+    for ref in _relation_cons.pop(key, []):
+        con = ref()
+        if con is not None:
+            con.close()
+
+
 @contextmanager
 def open_store(path: str, *, write: bool, timeout: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
     """Yield a cursor on ``path``; read-write if ``write``, else whatever this process has open.
 
-    The file's connection is closed on exit unless a reader pinned it or another user holds it.
+    The connection is closed again when its last user leaves, so other processes can get in.
     """
     key = _key(path)
     if not write and not os.path.exists(path):
@@ -99,10 +110,12 @@ def open_store(path: str, *, write: bool, timeout: float = 60.0) -> Iterator[duc
             if entry.users:
                 raise StoreOpenError(f"the store `{path}` is being read in this process; retry when done")
             entry.con.close()
-            entry = _Entry(_connect(path, False, timeout), read_only=False, pinned=entry.pinned)
-            _entries[key] = entry
-        elif entry is None:
-            entry = _Entry(_connect(path, not write, timeout), read_only=not write)
+            entry = None
+        if entry is None:
+            read_only = not write and key not in _writers
+            if not read_only:
+                _close_relation_connections(key)
+            entry = _Entry(_connect(path, read_only, timeout), read_only=read_only)
             _entries[key] = entry
         entry.users += 1
         cursor = entry.con.cursor()
@@ -115,27 +128,44 @@ def open_store(path: str, *, write: bool, timeout: float = 60.0) -> Iterator[duc
             except duckdb.Error:
                 pass
             entry.users -= 1
-            if entry.users == 0 and not entry.pinned and _entries.get(key) is entry:
+            if entry.users == 0 and _entries.get(key) is entry:
                 entry.con.close()
                 del _entries[key]
 
 
-def pinned_connection(path: str, timeout: float = 60.0) -> duckdb.DuckDBPyConnection:
-    """A long-lived cursor for relations handed to users (``Run.outputs()``).
+def relation_connection(path: str, timeout: float = 60.0) -> duckdb.DuckDBPyConnection:
+    """A connection of its own for relations handed to users (``Run.outputs()``).
 
-    It stays open until ``close_all`` or until the local writer upgrades it to read-write; a
-    relation made from an older cursor then raises DuckDB's "connection closed" error.
+    It lives as long as the relations made from it. While a run in this process writes the
+    store it shares the writer's read-write database; otherwise it is read-only, and the local
+    writer closes it before its next flush (such a relation then raises "connection closed").
     """
     if not os.path.exists(path):
         raise StoreOpenError(f"no store at `{path}`")
     key = _key(path)
     with _guard:
-        entry = _entries.get(key)
-        if entry is None:
-            entry = _Entry(_connect(path, True, timeout), read_only=True)
-            _entries[key] = entry
-        entry.pinned = True
-        return entry.con.cursor()
+        if key in _writers:
+            return _connect(path, False, timeout)
+        con = _connect(path, True, timeout)
+        refs = [r for r in _relation_cons.get(key, []) if r() is not None]
+        refs.append(weakref.ref(con))
+        _relation_cons[key] = refs
+        return con
+
+
+@contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Mark ``path`` as written by this process (readers here then share the read-write config)."""
+    key = _key(path)
+    with _guard:
+        _writers[key] = _writers.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        with _guard:
+            _writers[key] -= 1
+            if not _writers[key]:
+                del _writers[key]
 
 
 def close_all(path: str | None = None) -> None:
@@ -146,6 +176,7 @@ def close_all(path: str | None = None) -> None:
             entry = _entries.pop(key, None)
             if entry is not None:
                 entry.con.close()
+            _close_relation_connections(key)
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 
 from nbbatch._errors import RunNotFound, StoreError
-from nbbatch._store.connection import StoreOpenError, open_store, pinned_connection
+from nbbatch._store.connection import StoreOpenError, open_store, relation_connection
 from nbbatch._store.schema import outputs_table
 
 __all__ = [
@@ -67,7 +67,7 @@ def reading(path: str) -> Iterator[duckdb.DuckDBPyConnection]:
 def relation_cursor(path: str) -> duckdb.DuckDBPyConnection:
     """A long-lived cursor for relations handed to users."""
     try:
-        return pinned_connection(path)
+        return relation_connection(path)
     except StoreOpenError as exc:
         raise StoreError(str(exc)) from exc
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from nbbatch._errors import ResumeMismatch, StoreBusy, StoreError
 from nbbatch._events import BatchDone, BatchFailed, MetricRecord
 from nbbatch._store.arrow import outputs_table, rows_table, timestamp
-from nbbatch._store.connection import StoreOpenError, ensure_schema, open_store
+from nbbatch._store.connection import StoreOpenError, ensure_schema, open_store, writing
 from nbbatch._store.schema import outputs_table as outputs_table_name
 
 __all__ = ["Commit", "ProgressRow", "RunRecord", "RunSpec", "StoreWriter"]
@@ -193,6 +193,8 @@ class StoreWriter:
         self._lock_file: IO[str] | None = None
         self._tables: set[str] = set()
         self._acquire_lock()
+        self._writing = writing(self.path)
+        self._writing.__enter__()
         try:
             with self._open() as con:
                 ensure_schema(con)
@@ -232,6 +234,9 @@ class StoreWriter:
 
     def close(self) -> None:
         """Release the store lock; the file itself is already closed between flushes."""
+        if getattr(self, "_writing", None) is not None:
+            self._writing.__exit__(None, None, None)
+            self._writing = None
         if self._lock_file is not None:
             try:
                 fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
