@@ -15,7 +15,6 @@ import pickle
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -24,7 +23,17 @@ import pyarrow as pa
 
 from nbbatch._errors import ResumeMismatch, StoreBusy, StoreError
 from nbbatch._events import BatchDone, BatchFailed, MetricRecord
-from nbbatch._store.arrow import outputs_table, rows_table, timestamp
+from nbbatch._store.arrow import (
+    BATCH_SCHEMA,
+    ERROR_SCHEMA,
+    METRIC_SCHEMA,
+    PROGRESS_SCHEMA,
+    jsonable,
+    metric_rows,
+    outputs_table,
+    rows_table,
+    timestamp,
+)
 from nbbatch._store.connection import StoreOpenError, ensure_schema, open_store, writing
 from nbbatch._store.schema import outputs_table as outputs_table_name
 
@@ -92,91 +101,6 @@ class Commit:
 
     def __bool__(self) -> bool:
         return bool(self.batches or self.reducer_states or self.metrics or self.errors or self.progress or self.log)
-
-
-_BATCH_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("global_batch", pa.int64()),
-        ("rank", pa.int32()),
-        ("batch_idx", pa.int64()),
-        ("attempt", pa.int32()),
-        ("rows", pa.int64()),
-        ("first_index", pa.int64()),
-        ("started_at", pa.timestamp("us")),
-        ("seconds", pa.float64()),
-        ("committed_at", pa.timestamp("us")),
-    ]
-)
-_METRIC_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("rank", pa.int32()),
-        ("global_batch", pa.int64()),
-        ("batch_idx", pa.int64()),
-        ("group", pa.string()),
-        ("steps_completed", pa.int64()),
-        ("name", pa.string()),
-        ("value", pa.float64()),
-        ("value_json", pa.string()),
-        ("reported_at", pa.timestamp("us")),
-    ]
-)
-_ERROR_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("attempt", pa.int32()),
-        ("rank", pa.int32()),
-        ("global_batch", pa.int64()),
-        ("batch_idx", pa.int64()),
-        ("indices", pa.list_(pa.int64())),
-        ("exc_type", pa.string()),
-        ("message", pa.string()),
-        ("traceback", pa.string()),
-        ("fatal", pa.bool_()),
-        ("occurred_at", pa.timestamp("us")),
-    ]
-)
-_PROGRESS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("attempt", pa.int32()),
-        ("rank", pa.int32()),
-        ("batches", pa.int64()),
-        ("rows", pa.int64()),
-        ("failed", pa.int64()),
-        ("todo", pa.int64()),
-        ("current_batch", pa.int64()),
-        ("status", pa.string()),
-        ("updated_at", pa.timestamp("us")),
-    ]
-)
-
-
-def jsonable(value: Any) -> Any:
-    """Convert numpy/torch scalars and arrays into JSON-friendly Python values."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "tolist") and callable(value.tolist):
-        return jsonable(value.tolist())
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)
-
-
-def _metric_value(value: Any) -> tuple[float | None, str | None]:
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            value = value.item()
-        except (ValueError, RuntimeError):
-            pass
-    if isinstance(value, bool):
-        return float(value), None
-    if isinstance(value, (int, float)):
-        return float(value), None
-    return None, json.dumps(jsonable(value))
 
 
 class StoreWriter:
@@ -370,14 +294,14 @@ class StoreWriter:
                 }
                 for b, first in commit.batches
             ]
-            self._insert(con, "batches", rows_table(rows, _BATCH_SCHEMA))
+            self._insert(con, "batches", rows_table(rows, BATCH_SCHEMA))
             with_outputs = [
                 (b.rank, b.batch_idx, b.global_batch, first, b.outputs) for b, first in commit.batches if b.outputs
             ]
             if with_outputs:
                 self._insert_outputs(con, run_id, outputs_table(run_id, with_outputs))
         if commit.metrics:
-            self._insert(con, "metrics", rows_table(list(_metric_rows(run_id, commit.metrics)), _METRIC_SCHEMA))
+            self._insert(con, "metrics", rows_table(list(metric_rows(run_id, commit.metrics)), METRIC_SCHEMA))
         if commit.errors:
             rows = [
                 {
@@ -387,7 +311,7 @@ class StoreWriter:
                 }
                 for e in commit.errors
             ]
-            self._insert(con, "errors", rows_table(rows, _ERROR_SCHEMA))
+            self._insert(con, "errors", rows_table(rows, ERROR_SCHEMA))
         for rank, (step, states) in sorted(commit.reducer_states.items()):
             con.execute(
                 "INSERT OR REPLACE INTO reducer_state VALUES (?, ?, ?, ?, ?)",
@@ -402,7 +326,7 @@ class StoreWriter:
                 }
                 for p in commit.progress
             ]
-            con.register("_nbbatch_progress", rows_table(rows, _PROGRESS_SCHEMA))
+            con.register("_nbbatch_progress", rows_table(rows, PROGRESS_SCHEMA))
             con.execute("INSERT OR REPLACE INTO progress SELECT * FROM _nbbatch_progress")
             con.unregister("_nbbatch_progress")
         if commit.log is not None:
@@ -433,19 +357,6 @@ class StoreWriter:
             con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_out")
         finally:
             con.unregister("_nbbatch_out")
-
-
-def _metric_rows(
-    run_id: str, metrics: Iterable[tuple[int, int | None, int | None, MetricRecord]]
-) -> Iterable[dict[str, Any]]:
-    for rank, global_batch, batch_idx, record in metrics:
-        for name, value in record.metrics:
-            number, text = _metric_value(value)
-            yield {
-                "run_id": run_id, "rank": rank, "global_batch": global_batch, "batch_idx": batch_idx,
-                "group": record.group, "steps_completed": record.steps_completed, "name": name, "value": number,
-                "value_json": text, "reported_at": timestamp(record.reported_at),
-            }
 
 
 def _explain_write(path: str, exc: BaseException) -> str:
