@@ -204,13 +204,14 @@ def _reporter(progress: bool | Reporter) -> Reporter:
     if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
         from nbbatch._ui.widgets import widget_reporter
 
-        return widget_reporter()
+        reporter: Reporter = widget_reporter()
+        return reporter
     return terminal_reporter()
 
 
 def _pickle_user_code(batch_processor_cls: Any, dataset: Any, kwargs: dict[str, Any]) -> bytes:
     try:
-        return cloudpickle.dumps((batch_processor_cls, dataset, kwargs))
+        return bytes(cloudpickle.dumps((batch_processor_cls, dataset, kwargs)))
     except Exception as exc:
         raise InvalidArgument(
             f"cannot send the processor class, dataset or dataloader_kwargs to worker processes: "
@@ -306,7 +307,8 @@ def torch_batch_process(
         launch=config.launch, config=config.describe(),
     )
     if env is not None:
-        return torchrun.run(config, spec, user, fresh, _reporter(progress), env)
+        run: Run = torchrun.run(config, spec, user, fresh, _reporter(progress), env)
+        return run
     return _run_local(config, spec, user, _reporter(progress))
 
 

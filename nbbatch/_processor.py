@@ -241,7 +241,7 @@ class TorchBatchProcessorContext:
         A plain function receives every ``update()``d value in global batch order. A
         ``MetricReducer`` is reduced with its own ``per_slot_reduce``/``cross_slot_reduce``.
         """
-        if reducer in (w.reducer for w in self._wrapped_reducers):
+        if reducer in [w.reducer for w in self._wrapped_reducers]:
             raise AssertionError(
                 f"Detected the same reducer of type {type(reducer).__name__} in context.wrap_reducer(), "
                 "please avoid calling wrap_reducer() on the same reducer object twice."

@@ -84,12 +84,12 @@ def outputs_table(
         for name, values in cols.items():
             columns.setdefault(name, []).append(column_array(values))
     arrays: dict[str, pa.Array | pa.ChunkedArray] = {"run_id": pa.array([run_id] * total, pa.string())}
-    for name, parts in keys.items():
-        arrays[name] = pa.array(np.concatenate(parts) if parts else np.array([], dtype=np.int64))
-    for name, parts in columns.items():
-        first = parts[0].type
-        parts = [p if p.type == first or p.type == pa.null() else p.cast(first) for p in parts]
-        arrays[name] = pa.chunked_array(parts, type=first)
+    for name, pieces in keys.items():
+        arrays[name] = pa.array(np.concatenate(pieces) if pieces else np.array([], dtype=np.int64))
+    for name, chunks in columns.items():
+        first = chunks[0].type
+        chunks = [c if c.type == first or c.type == pa.null() else c.cast(first) for c in chunks]
+        arrays[name] = pa.chunked_array(chunks, type=first)
     return pa.table(arrays)
 
 

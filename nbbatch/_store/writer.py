@@ -117,7 +117,7 @@ class StoreWriter:
         self._lock_file: IO[str] | None = None
         self._tables: set[str] = set()
         self._acquire_lock()
-        self._writing = writing(self.path)
+        self._writing: Any = writing(self.path)
         self._writing.__enter__()
         try:
             with self._open() as con:
@@ -285,6 +285,7 @@ class StoreWriter:
 
     def _write(self, con: duckdb.DuckDBPyConnection, record: RunRecord, commit: Commit, now: float) -> None:
         run_id = record.run_id
+        rows: list[dict[str, Any]]
         if commit.batches:
             rows = [
                 {

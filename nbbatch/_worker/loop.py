@@ -77,7 +77,7 @@ def _dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value)
     except Exception:
-        return cloudpickle.dumps(value)
+        return bytes(cloudpickle.dumps(value))
 
 
 def _failure(rank: int, g: int | None, k: int | None, indices: range | tuple[int, ...], exc: BaseException, fatal: bool) -> BatchFailed:
