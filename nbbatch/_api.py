@@ -348,6 +348,15 @@ def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter
     return run
 
 
+def _warm_up() -> None:
+    from nbbatch._launch.local import warm_up
+
+    warm_up()
+
+
+_warm_up()
+
+
 def _finish_quietly(writer: StoreWriter, record: Any, status: str, error: str) -> None:
     try:
         writer.finish(record, status, None, error)

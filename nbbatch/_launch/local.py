@@ -9,6 +9,7 @@ store's only writer.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import signal
 import socket
@@ -59,6 +60,28 @@ def _context() -> Any:
     if method == "forkserver":
         ctx.set_forkserver_preload(["torch", "nbbatch._worker.entry", "nbbatch._worker.loop"])
     return ctx
+
+
+def warm_up() -> None:
+    """Start the forkserver now, so it imports torch while the caller still sets up its data.
+
+    Called when ``torch_batch_process`` is imported; skipped inside workers, under torchrun, off
+    the main thread, and when ``NBBATCH_WARM_START=0``.
+    """
+    if os.environ.get("NBBATCH_WARM_START", "1") == "0" or os.environ.get("NBBATCH_LOCAL_WORKER") == "1":
+        return
+    if threading.current_thread() is not threading.main_thread() or mp.current_process().name != "MainProcess":
+        return
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return
+    ctx = _context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        try:
+            forkserver.ensure_running()
+        except OSError:  # pragma: no cover - workers then start on first use
+            logger.debug("could not start the forkserver early", exc_info=True)
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -117,6 +118,8 @@ class StoreWriter:
         self._lock_file: IO[str] | None = None
         self._tables: set[str] = set()
         self._acquire_lock()
+        # DuckDB imports pandas on the first Arrow scan (~0.3 s); pay it while workers start.
+        threading.Thread(target=_warm_arrow_ingest, daemon=True, name="nbbatch-warm-up").start()
         self._writing: Any = writing(self.path)
         self._writing.__enter__()
         try:
@@ -358,6 +361,16 @@ class StoreWriter:
             con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_out")
         finally:
             con.unregister("_nbbatch_out")
+
+
+def _warm_arrow_ingest() -> None:
+    """Run one tiny Arrow scan on an in-memory database so its lazy imports happen now."""
+    con = duckdb.connect()
+    try:
+        con.register("_warm", pa.table({"x": [1]}))
+        con.execute("SELECT * FROM _warm").fetchall()
+    finally:
+        con.close()
 
 
 def _explain_write(path: str, exc: BaseException) -> str:
