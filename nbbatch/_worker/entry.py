@@ -57,8 +57,13 @@ def worker_main(
     sys_path: list[str],
 ) -> None:
     """Run one local worker; the exit code is 0 on done/preempted and 1 on failure."""
-    # The launcher decides what Ctrl-C means; Jupyter's interrupt signals the whole process group.
+    # The launcher decides what Ctrl-C means. Jupyter's interrupt and a terminal's Ctrl-C signal the
+    # whole process group, which would also kill DataLoader workers; a session of our own avoids it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.setsid()
+    except OSError:  # already a session leader
+        pass
     os.environ.clear()
     os.environ.update(environ)
     os.environ.update(
