@@ -167,6 +167,15 @@ class Supervisor:
         """Batches finished so far, committed before this attempt or processed in it."""
         return len(self.record.done) + sum(w.done for w in self.workers)
 
+    def set_remote_progress(
+        self, rank: int, done: int, rows: int, failed: int, current: tuple[int, int, float] | None, status: str
+    ) -> None:
+        """Overwrite a worker's live counters with its own totals (torchrun ranks report them between checkpoints)."""
+        worker = self.workers[rank]
+        worker.done, worker.rows, worker.failed, worker.current, worker.status = done, rows, failed, current, status
+        worker.last_event = self.clock()
+        self._dirty = True
+
     def hung(self, timeout: float) -> tuple[int, int, int, float] | None:
         """``(rank, global_batch, batch_idx, seconds)`` of a batch running longer than ``timeout``."""
         now = self.clock()

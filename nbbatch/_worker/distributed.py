@@ -1,0 +1,271 @@
+"""The worker side of a torchrun world: joining the group, shipping events, live counters, aborts.
+
+Under torchrun every process is one worker and rank 0 writes the store. Other ranks keep their
+events in a `PeerSink` and ship them to rank 0 at each checkpoint (``gather_object`` on a gloo
+group, a collective point every rank reaches). Between checkpoints a `PeerWatcher` thread puts the
+rank's counters into torch.distributed's own key-value store (the c10d TCPStore torchrun already
+runs) every half second, so rank 0 can show live progress. A fatal error goes into that store at
+once: every rank's watcher sees it within a poll, unwinds at its next event, and leaves the process
+after a grace period if a collective keeps it stuck, so no rank hangs.
+Must not import DuckDB, ``_store``, ``_launch`` or ``_ui``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nbbatch._events import (
+    BatchDone,
+    BatchFailed,
+    BatchStarted,
+    Event,
+    WorkerFinished,
+    WorkerReady,
+)
+from nbbatch._worker.collective import Coordinator
+
+__all__ = [
+    "ABORT_GRACE_SECONDS",
+    "Channel",
+    "Counters",
+    "PeerSink",
+    "PeerWatcher",
+    "RemoteFailure",
+    "exit_later",
+    "join_group",
+]
+
+POLL_SECONDS = 0.5
+ABORT_GRACE_SECONDS = float(os.environ.get("NBBATCH_ABORT_GRACE", "10"))
+GROUP_TIMEOUT = dt.timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """One rank's totals in the current attempt; ``seq`` orders snapshots, ``t`` is a heartbeat."""
+
+    seq: int
+    done: int
+    rows: int
+    failed: int
+    current: tuple[int, int, float] | None
+    status: str
+    t: float
+
+
+class RemoteFailure(Exception):
+    """Another rank failed fatally; raised at this rank's next event to leave the batch loop."""
+
+    def __init__(self, event: BatchFailed) -> None:
+        self.event = event
+        super().__init__(f"rank {event.rank} failed: {event.exc_type}: {event.message}")
+
+
+def join_group(local_rank: int) -> tuple[Any, bool]:
+    """Join (or reuse) the default process group; returns our object group and whether we created the default.
+
+    On GPUs the default group is NCCL (for the user's tensors) and our collectives use a separate
+    gloo group over CPU tensors; on CPU the gloo default group serves both.
+    """
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() > local_rank
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+        created = True
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)
+    return group, created
+
+
+class Channel:
+    """Keys of one attempt in the c10d store: ``progress/<rank>``, ``error/<publisher>``, ``ack/<publisher>``.
+
+    Example:
+        >>> ch = Channel(dist.distributed_c10d._get_default_store(), "ab12", 1, 2)   # doctest: +SKIP
+        >>> ch.publish_error(event)                                                # doctest: +SKIP
+    """
+
+    def __init__(self, store: Any, run_id: str, attempt: int, world_size: int) -> None:
+        self.store = store
+        self.prefix = f"nbbatch/{run_id}/{attempt}/"
+        self.world_size = world_size
+        self._lock = threading.Lock()
+        self._seen_progress: set[int] = set()
+
+    def _key(self, *parts: object) -> str:
+        return self.prefix + "/".join(str(p) for p in parts)
+
+    def publish_progress(self, rank: int, counters: Counters) -> None:
+        """Overwrite this rank's counters."""
+        with self._lock:
+            self.store.set(self._key("progress", rank), pickle.dumps(counters))
+
+    def read_progress(self, ranks: range) -> dict[int, Counters]:
+        """The latest counters of every rank in ``ranks`` that has published any."""
+        with self._lock:
+            for rank in ranks:
+                if rank not in self._seen_progress and self.store.check([self._key("progress", rank)]):
+                    self._seen_progress.add(rank)
+            present = [r for r in ranks if r in self._seen_progress]
+            if not present:
+                return {}
+            blobs = self.store.multi_get([self._key("progress", r) for r in present])
+        return {r: pickle.loads(b) for r, b in zip(present, blobs)}
+
+    def publish_error(self, publisher: int, event: BatchFailed) -> None:
+        """Announce a fatal error to every rank (first error per publisher wins)."""
+        with self._lock:
+            key = self._key("error", publisher)
+            if not self.store.check([key]):
+                self.store.set(key, pickle.dumps(event))
+                self.store.add(self._key("errors"), 1)
+
+    def error_count(self) -> int:
+        """How many ranks published an error (a cheap read)."""
+        with self._lock:
+            return int(self.store.add(self._key("errors"), 0))
+
+    def errors(self, skip: int | None = None) -> dict[int, BatchFailed]:
+        """Published errors by publisher rank, without the one from ``skip``."""
+        out: dict[int, BatchFailed] = {}
+        with self._lock:
+            for publisher in range(self.world_size):
+                key = self._key("error", publisher)
+                if publisher != skip and self.store.check([key]):
+                    out[publisher] = pickle.loads(self.store.get(key))
+        return out
+
+    def ack(self, publisher: int) -> None:
+        """Rank 0 has recorded ``publisher``'s error in the run store."""
+        with self._lock:
+            self.store.set(self._key("ack", publisher), b"1")
+
+    def wait_ack(self, publisher: int, timeout: float) -> bool:
+        """Wait (bounded) until rank 0 recorded our error, so it is stored before torchrun tears down."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with self._lock:
+                    if self.store.check([self._key("ack", publisher)]):
+                        return True
+            except Exception:  # the store went away with its host
+                return False
+            time.sleep(0.05)
+        return False
+
+
+class PeerSink:
+    """Events of a rank other than 0: buffered until the next checkpoint, counted for live progress."""
+
+    def __init__(self, rank: int, channel: Channel) -> None:
+        self.rank = rank
+        self.channel = channel
+        self.events: list[Event] = []
+        self.fatal: BatchFailed | None = None
+        self.abort: BatchFailed | None = None
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._done = self._rows = self._failed = 0
+        self._current: tuple[int, int, float] | None = None
+        self._status = "starting"
+
+    def emit(self, event: Event) -> None:
+        if self.abort is not None and self.fatal is None:
+            raise RemoteFailure(self.abort)
+        with self._lock:
+            self._seq += 1
+            if isinstance(event, BatchStarted):
+                self._current = (event.global_batch, event.batch_idx, event.t)
+                self._status = "running"
+            elif isinstance(event, BatchDone):
+                self._current = None
+                self._done += 1
+                self._rows += event.rows
+            elif isinstance(event, BatchFailed):
+                self._current = None
+                self._failed += 1 if event.global_batch is not None else 0
+            elif isinstance(event, WorkerReady):
+                self._status = "running"
+            elif isinstance(event, WorkerFinished):
+                self._status = event.status
+            self.events.append(event)
+        if isinstance(event, BatchFailed) and event.fatal and self.fatal is None:
+            self.fatal = event
+            self.channel.publish_progress(self.rank, self.counters())  # totals first: rank 0 reads them with the error
+            self.channel.publish_error(self.rank, event)
+
+    def counters(self) -> Counters:
+        """A consistent snapshot of this rank's totals."""
+        with self._lock:
+            return Counters(self._seq, self._done, self._rows, self._failed, self._current, self._status, time.time())
+
+    def flush(self, coordinator: Coordinator) -> None:
+        """Ship everything since the last checkpoint to rank 0 (a collective: every rank calls it)."""
+        with self._lock:
+            events, self.events = self.events, []
+        coordinator.gather((events, self.counters()))
+
+
+class PeerWatcher:
+    """A daemon thread: publish counters, watch for other ranks' errors, leave if stuck after one."""
+
+    def __init__(
+        self, rank: int, channel: Channel, sink: PeerSink, finished: threading.Event, poll: float = POLL_SECONDS
+    ) -> None:
+        self.rank = rank
+        self.channel = channel
+        self.sink = sink
+        self.finished = finished
+        self.poll = poll
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"nbbatch-watch-rank{rank}")
+
+    def start(self) -> PeerWatcher:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.finished.wait(self.poll):
+            try:
+                self.channel.publish_progress(self.rank, self.sink.counters())
+                if self.sink.abort is None and self.channel.error_count():
+                    errors = self.channel.errors(skip=self.rank)
+                    if errors:
+                        self.sink.abort = errors[min(errors)]
+                        exit_later(self.finished, ABORT_GRACE_SECONDS)
+            except Exception:  # the store's host is gone: the job is ending; collectives will tell
+                return
+
+
+def exit_later(finished: threading.Event, grace: float, before_exit: Callable[[], None] | None = None) -> None:
+    """Leave the process with code 1 if the run has not finished ``grace`` seconds from now.
+
+    The main thread may be stuck in a collective that waits for a rank that will never come; the
+    failure is already recorded, so ending the process is the only way not to hang.
+    """
+
+    def _later() -> None:
+        if finished.wait(grace):
+            return
+        if before_exit is not None:
+            try:
+                before_exit()
+            except Exception:
+                pass
+        sys.stderr.write(f"nbbatch: another rank failed and this rank did not stop within {grace:.0f}s; exiting\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=_later, daemon=True, name="nbbatch-exit-later").start()
