@@ -27,7 +27,6 @@ from nbbatch._plan import make_sharding
 from nbbatch._progress import NullReporter, Reporter, terminal_reporter
 from nbbatch._run import Run, default_store
 from nbbatch._store.writer import RunSpec, StoreWriter
-from nbbatch._worker.loop import WorkerSpec
 
 __all__ = ["RunConfig", "torch_batch_process"]
 
@@ -313,6 +312,7 @@ def torch_batch_process(
 
 
 def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter) -> Run:
+    from nbbatch._launch import attempt_spec
     from nbbatch._launch.local import launch_local
 
     writer = StoreWriter(config.store)
@@ -321,13 +321,7 @@ def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter
         if record.status == "done":
             logger.info("run %r is already done in %s; returning it as is", record.name, config.store)
             return Run(config.store, record.run_id)
-        sharding = make_sharding(spec.dataset_len, config.batch_size, config.num_processes,
-                                 planned_batches=record.planned_batches, drop_last=config.drop_last)
-        worker_spec = WorkerSpec(
-            user=user, sharding=sharding, done=record.done, checkpoint_interval=config.checkpoint_interval,
-            on_error=config.on_error, max_failures=config.max_failures, output_dir=record.output_dir,
-            prior_reducer_states=record.reducer_states, run_id=record.run_id,
-        )
+        sharding, worker_spec = attempt_spec(config, spec.dataset_len, config.num_processes, user, record)
         try:
             outcome = launch_local(worker_spec, record, sharding, writer, reporter, batch_timeout=config.batch_timeout)
         except BaseException as exc:

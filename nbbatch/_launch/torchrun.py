@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbbatch._errors import InvalidArgument
+from nbbatch._launch import attempt_spec
 from nbbatch._launch.lead import Lead, broadcast, failed, lost, sendable, wait_errors
 from nbbatch._launch.local import _Signals, default_threads
-from nbbatch._plan import Sharding, make_sharding
+from nbbatch._plan import Sharding
 from nbbatch._progress import Reporter
 from nbbatch._run import Run
 from nbbatch._store.writer import RunRecord, RunSpec, StoreWriter
@@ -125,13 +126,7 @@ def run(config: Any, spec: RunSpec, user: bytes, sharding: Sharding, reporter: R
             logger.info("run %r is already done in %s; returning it as is", start.name, config.store)
             writer.close()
         return Run(config.store, start.run_id)
-    sharding = make_sharding(spec.dataset_len, config.batch_size, env.world_size,
-                             planned_batches=start.planned_batches, drop_last=config.drop_last)
-    worker_spec = WorkerSpec(
-        user=user, sharding=sharding, done=start.done, checkpoint_interval=config.checkpoint_interval,
-        on_error=config.on_error, max_failures=config.max_failures, output_dir=start.output_dir,
-        prior_reducer_states=start.reducer_states, run_id=start.run_id,
-    )
+    sharding, worker_spec = attempt_spec(config, spec.dataset_len, env.world_size, user, start)
     channel = Channel(dist.distributed_c10d._get_default_store(), start.run_id, start.attempt, env.world_size)
     signals = _Signals()
     with signals.installed():
