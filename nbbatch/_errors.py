@@ -4,7 +4,7 @@
 
     NbbatchError
     ├── InvalidArgument (also ValueError)   bad argument; Determined's texts kept verbatim
-    ├── InvalidDataset (also TypeError)     dataset without ``__len__`` and similar
+    ├── InvalidDataset (TypeError, ValueError) dataset without ``__len__`` and similar
     ├── WorkerFailed                        a worker raised or died; carries rank, batch, traceback
     │   └── WorkerDied                      killed by a signal, OOM, or exited without a word
     ├── RunFailed                           the run failed for a reason not tied to one batch
@@ -40,7 +40,7 @@ class InvalidArgument(NbbatchError, ValueError):
     """An argument of `torch_batch_process` (or the magic/CLI) is invalid."""
 
 
-class InvalidDataset(NbbatchError, TypeError):
+class InvalidDataset(NbbatchError, TypeError, ValueError):
     """The dataset cannot be sharded, e.g. it has no ``__len__``."""
 
 

@@ -70,14 +70,21 @@ class Run:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Batch and row counts: planned, committed, failed (skipped) and rows stored."""
+        """Batch and row counts.
+
+        ``total_batches`` planned; ``done_batches`` processed so far (live, updated about every
+        0.5 s, including batches not yet committed); ``committed_batches`` and ``rows`` stored
+        exactly once; ``failed_batches`` failing batches of the latest attempt; ``errors`` all
+        recorded errors.
+        """
         s = self.summary
         return {
             "total_batches": int(s["real_batches"] or 0),
+            "done_batches": max(int(s["done_at_start"] or 0) + int(s["live_batches"]), int(s["committed_batches"])),
             "committed_batches": int(s["committed_batches"]),
+            "failed_batches": int(s["live_failed"]),
             "rows": int(s["committed_rows"]),
             "errors": int(s["errors"]),
-            "live_batches": int(s["done_at_start"] or 0) + int(s["live_batches"]),
         }
 
     @property
