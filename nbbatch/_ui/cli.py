@@ -20,13 +20,14 @@ from typing import Any
 import click
 
 from nbbatch import __version__
+from nbbatch._help import OPTION_HELP
 from nbbatch._ui import targets
 from nbbatch._ui.targets import UsageFailure
 
 __all__ = ["main"]
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
-_STORE_HELP = "DuckDB store file (default: $NBBATCH_STORE or ./nbbatch.duckdb)."
+_STORE_HELP = OPTION_HELP["store"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -48,7 +49,7 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--store", "store", default=None, help=_STORE_HELP),
         click.option("--processes", type=click.IntRange(min=1), default=None,
-                      help="Local worker processes (default: one per GPU, else 1; leave unset under torchrun)."),
+                      help=OPTION_HELP["num_processes"]),
         click.option("--dashboard", "dashboard", is_flag=True, help="Serve the live dashboard while the run goes."),
         click.option("--dashboard-port", type=click.IntRange(0, 65535), default=5006, show_default=True,
                       help="Port of --dashboard."),
@@ -79,16 +80,16 @@ def cli() -> None:
               help="`module:attr` or `path.py:attr`: a Dataset, or a callable returning one (called with --dataset-arg).")
 @click.option("--dataset-arg", "dataset_args", multiple=True, metavar="KEY=VALUE",
               help="Keyword argument for FACTORY; VALUE is parsed as JSON when it can be (size=100, train=false).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help=OPTION_HELP["batch_size"])
 @click.option("--checkpoint-interval", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Commit every this many batches per worker.")
-@click.option("--max-batches", type=int, default=None, help="Cap on batches per worker.")
+              help=OPTION_HELP["checkpoint_interval"])
+@click.option("--max-batches", type=int, default=None, help=OPTION_HELP["max_batches"])
 @click.option("--name", "run_name", default=None,
-              help="Run name; naming an unfinished run resumes it, a finished one is shown as is.")
+              help=OPTION_HELP["run_name"])
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
-              help="Stop at the first failing batch, or record it and go on.")
+              help=OPTION_HELP["on_error"])
 @click.option("--max-failures", type=click.IntRange(min=0), default=None,
-              help="With --on-error skip: fail the run once more batches than this failed.")
+              help=OPTION_HELP["max_failures"])
 @_run_options
 def run_command(target: str, factory: str, dataset_args: tuple[str, ...], batch_size: int, checkpoint_interval: int,
                 max_batches: int | None, run_name: str | None, on_error: str, max_failures: int | None,
