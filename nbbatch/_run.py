@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import os
+import threading
 import time
 from typing import Any
 
@@ -40,6 +41,9 @@ class Run:
         self.store = os.path.abspath(store)
         self.id = run_id
         self._summary = summary
+        # Set by `%batchprocess --background`: the thread running the launcher and its error.
+        self._thread: threading.Thread | None = None
+        self._failure: list[BaseException] = []
 
     # -- state ----------------------------------------------------------------------------------
     def refresh(self) -> Run:
@@ -134,8 +138,19 @@ class Run:
             handle.write(str(time.time()))
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> Run:
-        """Block until the run leaves ``running`` (or ``timeout`` seconds pass)."""
+        """Block until the run leaves ``running`` (or ``timeout`` seconds pass).
+
+        For a run started in the background by ``%batchprocess --background``, this joins it and
+        raises its error (e.g. `WorkerFailed`), as a blocking call would have.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"run {self.name!r} still running after {timeout}s")
+            if self._failure:
+                raise self._failure[0]
+            return self
         while self.status == "running":
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {self.name!r} still running after {timeout}s")
@@ -155,16 +170,28 @@ class Run:
 
     def _repr_html_(self) -> str:
         s = self.summary
+        started, ended = s.get("started_at"), s.get("finished_at") or s.get("updated_at")
+        seconds = (ended - started).total_seconds() if started is not None and ended is not None else None
+        rate = f"{s['committed_rows'] / seconds:,.1f} samples/s" if seconds else "?"
+        fields = [
+            ("status", s["status"]), ("batches", f"{s['committed_batches']}/{s['real_batches']} committed"),
+            ("samples", f"{s['committed_rows']:,}"), ("errors", s["errors"]), ("workers", s["world_size"]),
+            ("duration", f"{seconds:.1f} s" if seconds is not None else "?"), ("throughput", rate),
+            ("reduced metrics", s["reduced_metrics"] or {}), ("output dir", s["output_dir"]), ("store", self.store),
+        ]
         rows = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-            for k, v in [
-                ("name", s["name"]), ("status", s["status"]),
-                ("batches", f"{s['committed_batches']}/{s['real_batches']}"), ("rows", s["committed_rows"]),
-                ("errors", s["errors"]), ("workers", s["world_size"]), ("reduced metrics", s["reduced_metrics"] or {}),
-                ("output dir", s["output_dir"]), ("store", self.store),
-            ]
+            f"<tr><th style='text-align:left;padding-right:12px'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+            for k, v in fields
         )
-        return f"<div><b>nbbatch run</b><table>{rows}</table></div>"
+        try:
+            sample = self.outputs().limit(5).df().to_html(index=False, max_cols=12, border=0)
+        except Exception:  # the preview is optional
+            sample = ""
+        return (
+            f"<div><b>nbbatch run</b> <code>{html.escape(str(s['name']))}</code><table>{rows}</table>"
+            f"{'<b>first outputs</b>' + sample if sample and s['committed_rows'] else ''}</div>"
+        )
 
 
 def open_run(name_or_id: str, store: str | None = None) -> Run:

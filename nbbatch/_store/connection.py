@@ -104,21 +104,33 @@ def open_store(path: str, *, write: bool, timeout: float = 60.0) -> Iterator[duc
     key = _key(path)
     if not write and not os.path.exists(path):
         raise StoreOpenError(f"no store at `{path}`; run `torch_batch_process(..., store={path!r})` first")
-    with _guard:
-        entry = _entries.get(key)
-        if entry is not None and write and entry.read_only:
-            if entry.users:
-                raise StoreOpenError(f"the store `{path}` is being read in this process; retry when done")
-            entry.con.close()
-            entry = None
-        if entry is None:
-            read_only = not write and key not in _writers
-            if not read_only:
-                _close_relation_connections(key)
-            entry = _Entry(_connect(path, read_only, timeout), read_only=read_only)
-            _entries[key] = entry
-        entry.users += 1
-        cursor = entry.con.cursor()
+    deadline = time.monotonic() + timeout
+    while True:
+        with _guard:
+            entry = _entries.get(key)
+            read_write = write or key in _writers
+            if entry is not None and read_write and entry.read_only:
+                if entry.users:
+                    entry = None  # a reader of this process is mid-query: wait for it below
+                    busy = True
+                else:
+                    entry.con.close()
+                    del _entries[key]
+                    entry, busy = None, False
+            else:
+                busy = False
+            if not busy:
+                if entry is None:
+                    if read_write:
+                        _close_relation_connections(key)
+                    entry = _Entry(_connect(path, not read_write, timeout), read_only=not read_write)
+                    _entries[key] = entry
+                entry.users += 1
+                cursor = entry.con.cursor()
+                break
+        if time.monotonic() > deadline:
+            raise StoreOpenError(f"the store `{path}` stayed busy with a read in this process; retry when it is done")
+        time.sleep(0.005)
     try:
         yield cursor
     finally:
