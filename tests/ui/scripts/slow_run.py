@@ -1,0 +1,77 @@
+"""A slow run for the dashboard tests: ``python slow_run.py STORE NAME [--n N] [--sleep S] [--fail-at I] [--launch]``.
+
+`Slow` sleeps per batch, reports a per-batch metric, sums samples in a reducer and fails on the
+batch holding ``--fail-at`` (skipped with ``on_error="skip"``). With ``--launch`` the run records
+``{"target": "<this file>:Slow", "dataset": "<this file>:numbers", ...}`` as the CLI does, so the
+dashboard's Resume button (``nbbatch resume``) can re-create it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from nbbatch import TorchBatchProcessor, torch_batch_process
+
+
+class Slow(TorchBatchProcessor):
+    """Sleeps $NBBATCH_UI_SLEEP s per batch; fails on sample $NBBATCH_UI_FAIL_AT; reports `loss`."""
+
+    def __init__(self, context):
+        self.context = context
+        self.total = context.wrap_reducer(lambda values: sum(sum(v) for v in values), name="total")
+        self.sleep = float(os.environ.get("NBBATCH_UI_SLEEP", "0.1"))
+        self.fail_at = int(os.environ.get("NBBATCH_UI_FAIL_AT", "-1"))
+
+    def process_batch(self, batch, batch_idx):
+        samples = [int(x) for x in batch]
+        if self.fail_at in samples:
+            raise ValueError(f"cannot process sample {self.fail_at}")
+        time.sleep(self.sleep)
+        self.total.update(samples)
+        self.context.report_metrics("inference", batch_idx, {"loss": 1.0 / (1 + samples[0])})
+        return {"y": batch * 2, "embedding": torch.stack([batch.float(), batch.float() + 0.5], dim=1)}
+
+
+def numbers(n=60):
+    """The integers 0..n-1."""
+    return list(range(n))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("store")
+    parser.add_argument("name")
+    parser.add_argument("--n", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sleep", type=float, default=0.1)
+    parser.add_argument("--fail-at", type=int, default=-1)
+    parser.add_argument("--launch", action="store_true")
+    args = parser.parse_args()
+    os.environ["NBBATCH_UI_SLEEP"] = str(args.sleep)
+    os.environ["NBBATCH_UI_FAIL_AT"] = str(args.fail_at)
+    here = os.path.abspath(__file__)
+    launch = None
+    if args.launch:
+        launch = {"target": f"{here}:Slow", "dataset": f"{here}:numbers", "dataset_args": {"n": args.n},
+                  "cwd": os.path.dirname(os.path.abspath(args.store))}
+    # The class as `nbbatch resume` will load it (module `slow_run`), so the fingerprint's processor
+    # name matches on resume; shipped by value like the CLI does.
+    import cloudpickle
+    import slow_run
+
+    cloudpickle.register_pickle_by_value(slow_run)
+    run = torch_batch_process(
+        slow_run.Slow, numbers(args.n), batch_size=args.batch_size, checkpoint_interval=2, num_processes=2,
+        store=args.store, run_name=args.name, on_error="skip", max_failures=5, progress=False, launch=launch,
+    )
+    print(f"{run.name} {run.status}", flush=True)
+    sys.exit(0 if run.status == "done" else 3)
+
+
+if __name__ == "__main__":
+    main()
