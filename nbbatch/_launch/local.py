@@ -58,7 +58,8 @@ def _context() -> Any:
     method = os.environ.get("NBBATCH_START_METHOD") or ("forkserver" if sys.platform != "win32" else "spawn")
     ctx = tmp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["torch", "nbbatch._worker.entry", "nbbatch._worker.loop"])
+        # torchvision is a dependency and most processors import it: import it once, not per worker.
+        ctx.set_forkserver_preload(["torch", "torchvision", "nbbatch._worker.entry", "nbbatch._worker.loop"])
     return ctx
 
 
@@ -82,6 +83,28 @@ def warm_up() -> None:
             forkserver.ensure_running()
         except OSError:  # pragma: no cover - workers then start on first use
             logger.debug("could not start the forkserver early", exc_info=True)
+
+
+@contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """Hide ``__main__``'s file and spec while workers start, so they never re-run the script.
+
+    multiprocessing re-imports the parent's main module in every child; a Determined script
+    without an ``if __name__ == "__main__":`` guard would then launch itself recursively, and a
+    guarded one would still repeat its top-level imports in each worker. Processor classes from
+    ``__main__`` travel by value (cloudpickle), so workers do not need the module.
+    """
+    main = sys.modules.get("__main__")
+    saved = {attr: getattr(main, attr) for attr in ("__file__", "__spec__") if main is not None and hasattr(main, attr)}
+    try:
+        if "__file__" in saved:
+            del main.__file__  # type: ignore[union-attr]
+        if "__spec__" in saved:
+            main.__spec__ = None  # type: ignore[union-attr]
+        yield
+    finally:
+        for attr, value in saved.items():
+            setattr(main, attr, value)
 
 
 def _free_port() -> int:
@@ -172,7 +195,8 @@ def launch_local(
                       os.getcwd(), list(sys.path)),
                 name=f"nbbatch-{record.name}-rank{rank}",
             )
-            proc.start()
+            with _main_not_reimported():
+                proc.start()
             send.close()
             ctrl_recv.close()
             procs.append(proc)

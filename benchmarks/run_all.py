@@ -1,0 +1,85 @@
+"""Benchmarks: nbbatch against a plain single-process PyTorch loop, in one run, as ratios.
+
+    make bench                 # or: .venv/bin/python benchmarks/run_all.py [--repeat 2]
+
+Each measurement runs in a fresh process (interpreter start and imports included in the
+"wall" numbers); variants are interleaved and repeated, and the best of the repeats is kept,
+because this is a shared 2-core machine. Results go to benchmarks/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def measure(workload: str, variant: str, n: int, batch_size: int, workers: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(HERE / "workloads.py"), workload, variant, str(n), str(batch_size), str(workers)],
+        capture_output=True, text=True, check=True, env={**os.environ, "NBBATCH_STORE": ""},
+    )
+    wall = time.perf_counter() - t0
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall"] = wall
+    return result
+
+
+def best(workload: str, variant: str, n: int, batch_size: int, workers: int, repeat: int) -> dict[str, float]:
+    runs = [measure(workload, variant, n, batch_size, workers) for _ in range(repeat)]
+    return {"seconds": min(r["seconds"] for r in runs), "wall": min(r["wall"] for r in runs),
+            "all_seconds": [round(r["seconds"], 3) for r in runs], "all_wall": [round(r["wall"], 3) for r in runs]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    results: dict[str, object] = {"cores": cores, "python": sys.version.split()[0]}
+    rows = []
+
+    # resnet18 on 8,192 32x32 images: throughput (in-process) and whole-process wall time.
+    n = 8192
+    loop = best("resnet", "loop", n, 64, cores, args.repeat)
+    nb = best("resnet", "nbbatch", n, 64, cores, args.repeat)
+    rows.append(("resnet18 images/s (in process)", n / loop["seconds"], n / nb["seconds"], "≥ 0.95×"))
+    rows.append(("resnet18 whole-process wall s (8,192 images)", loop["wall"], nb["wall"], "≤ 1.15×"))
+    results["resnet"] = {"loop": loop, "nbbatch": nb}
+
+    # Linear(16, 8) over 200k rows, every output row stored.
+    n, bs = 200_000, 1024
+    loop = best("linear", "loop", n, bs, cores, args.repeat)
+    nb = best("linear", "nbbatch", n, bs, cores, args.repeat)
+    rows.append((f"Linear(16,8) rows/s, bs {bs}, all rows stored", n / loop["seconds"], n / nb["seconds"], "≥ 0.5×"))
+    results["linear"] = {"loop": loop, "nbbatch": nb}
+
+    # No-op processor: engine overhead per batch.
+    overhead = {}
+    for workers in (1, 2):
+        short = best("noop", "nbbatch", 20, 1, workers, args.repeat)["seconds"]
+        long = best("noop", "nbbatch", 5020, 1, workers, args.repeat)["seconds"]
+        overhead[workers] = (long - short) / 5000 * 1000
+    results["noop_ms_per_batch"] = overhead
+
+    print(f"{'benchmark':48} {'loop':>12} {'nbbatch':>12} {'ratio':>8}  target")
+    for name, a, b, target in rows:
+        ratio = b / a
+        print(f"{name:48} {a:12.1f} {b:12.1f} {ratio:8.2f}  {target}")
+    for workers, ms in overhead.items():
+        print(f"{'no-op engine overhead, ms/batch, workers=' + str(workers):48} {'':12} {ms:12.3f}")
+    results["table"] = [{"name": r[0], "loop": r[1], "nbbatch": r[2], "ratio": r[2] / r[1], "target": r[3]} for r in rows]
+    out = HERE / "results" / "latest.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""One benchmark workload in one fresh process: ``python workloads.py WORKLOAD VARIANT [ARGS]``.
+
+Prints one JSON line: the in-process seconds of the work (model built, data processed, outputs
+written) and the number of items. ``run_all.py`` times the whole process around it.
+
+Workloads: ``resnet`` (resnet18 on 32x32 images), ``linear`` (Linear(16, 8), every output row
+stored), ``noop`` (a processor that does nothing). Variants: ``loop`` (a plain PyTorch loop
+writing Parquet) and ``nbbatch`` (torch_batch_process with N workers, outputs to DuckDB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+T_START = time.perf_counter()
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+from nbbatch import TorchBatchProcessor, torch_batch_process  # noqa: E402
+
+
+class Tensors(torch.utils.data.Dataset):
+    """Pre-generated samples, so both variants read the same in-memory data."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def make_model(workload: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if workload == "resnet":
+        return torchvision.models.resnet18(weights=None, num_classes=10)
+    return torch.nn.Linear(16, 8)
+
+
+def make_data(workload: str, n: int) -> Tensors:
+    g = torch.Generator().manual_seed(0)
+    shape = (n, 3, 32, 32) if workload == "resnet" else (n, 16)
+    return Tensors(torch.randn(shape, generator=g))
+
+
+class Infer(TorchBatchProcessor):
+    def __init__(self, context):
+        self.model = context.prepare_model_for_inference(make_model(os.environ["BENCH_WORKLOAD"]))
+
+    def process_batch(self, batch, batch_idx):
+        with torch.no_grad():
+            out = self.model(batch)
+        if os.environ["BENCH_WORKLOAD"] == "resnet":
+            return {"prediction": out.argmax(1)}
+        return {"y": out}
+
+
+class Noop(TorchBatchProcessor):
+    def __init__(self, context):
+        pass
+
+    def process_batch(self, batch, batch_idx):
+        return None
+
+
+def loop(workload: str, data: Tensors, batch_size: int, out_dir: str) -> int:
+    model = make_model(workload).eval()
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    writer = None
+    rows = 0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            out = model(batch)
+            if workload == "noop":
+                continue
+            if workload == "resnet":
+                table = pa.table({"sample_index": range(rows, rows + len(batch)), "prediction": out.argmax(1).numpy()})
+            else:
+                table = pa.table({"sample_index": range(rows, rows + len(batch)),
+                                  "y": pa.FixedSizeListArray.from_arrays(pa.array(out.numpy().reshape(-1)), 8)})
+            writer = writer or pq.ParquetWriter(os.path.join(out_dir, "out.parquet"), table.schema)
+            writer.write_table(table)
+            rows += len(batch)
+    if writer is not None:
+        writer.close()
+    return len(data)
+
+
+def main() -> None:
+    workload, variant, n, batch_size, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    os.environ["BENCH_WORKLOAD"] = workload
+    data = make_data(workload, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        if variant == "loop":
+            torch.set_num_threads(workers)
+            loop(workload, data, batch_size, tmp)
+        else:
+            cls = Noop if workload == "noop" else Infer
+            run = torch_batch_process(cls, data, batch_size=batch_size, num_processes=workers, checkpoint_interval=20,
+                                      store=os.path.join(tmp, "bench.duckdb"), progress=False)
+            assert run.status == "done"
+            if workload != "noop":
+                assert run.counts["rows"] == n
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"workload": workload, "variant": variant, "n": n, "batch_size": batch_size, "workers": workers,
+                      "seconds": seconds, "since_start": time.perf_counter() - T_START}))
+
+
+if __name__ == "__main__":
+    main()
