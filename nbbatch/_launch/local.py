@@ -9,7 +9,6 @@ store's only writer.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -23,7 +22,6 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import cloudpickle
-import torch.multiprocessing as tmp
 
 from nbbatch._errors import NbbatchError, RunFailed, StoreError, WorkerDied, WorkerFailed
 from nbbatch._events import BatchFailed
@@ -31,6 +29,7 @@ from nbbatch._plan import Sharding
 from nbbatch._progress import Reporter
 from nbbatch._store.control import stop_file
 from nbbatch._store.writer import RunRecord, StoreWriter
+from nbbatch._launch.forkserver import context
 from nbbatch._launch.supervisor import Supervisor
 from nbbatch._worker.entry import worker_main
 from nbbatch._worker.loop import WorkerSpec
@@ -52,37 +51,6 @@ class Outcome:
     error: BaseException | None = None
     interrupted_by: int | None = None
     used_upload_path: bool = False
-
-
-def _context() -> Any:
-    method = os.environ.get("NBBATCH_START_METHOD") or ("forkserver" if sys.platform != "win32" else "spawn")
-    ctx = tmp.get_context(method)
-    if method == "forkserver":
-        # torchvision is a dependency and most processors import it: import it once, not per worker.
-        ctx.set_forkserver_preload(["torch", "torchvision", "nbbatch._worker.entry", "nbbatch._worker.loop"])
-    return ctx
-
-
-def warm_up() -> None:
-    """Start the forkserver now, so it imports torch while the caller still sets up its data.
-
-    Called when ``torch_batch_process`` is imported; skipped inside workers, under torchrun, off
-    the main thread, and when ``NBBATCH_WARM_START=0``.
-    """
-    if os.environ.get("NBBATCH_WARM_START", "1") == "0" or os.environ.get("NBBATCH_LOCAL_WORKER") == "1":
-        return
-    if threading.current_thread() is not threading.main_thread() or mp.current_process().name != "MainProcess":
-        return
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return
-    ctx = _context()
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        try:
-            forkserver.ensure_running()
-        except OSError:  # pragma: no cover - workers then start on first use
-            logger.debug("could not start the forkserver early", exc_info=True)
 
 
 @contextmanager
@@ -175,7 +143,7 @@ def launch_local(
 ) -> Outcome:
     """Run one attempt with ``sharding.world_size`` local worker processes."""
     world = sharding.world_size
-    ctx = _context()
+    ctx = context()
     payload = cloudpickle.dumps(spec)
     port = _free_port()
     threads = threads or default_threads(world)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbbatch._errors import InvalidArgument
-from nbbatch._launch import attempt_spec
+from nbbatch._launch.attempt import attempt_spec
 from nbbatch._launch.lead import Lead, broadcast, failed, lost, sendable, wait_errors
 from nbbatch._launch.local import _Signals, default_threads
 from nbbatch._plan import Sharding
