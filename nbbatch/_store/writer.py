@@ -16,6 +16,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -171,9 +173,11 @@ class StoreWriter:
                 self._lock_file.close()
                 self._lock_file = None
 
-    def _open(self) -> Any:
+    @contextmanager
+    def _open(self) -> Iterator[duckdb.DuckDBPyConnection]:
         try:
-            return open_store(self.path, write=True, timeout=self.timeout)
+            with open_store(self.path, write=True, timeout=self.timeout) as con:
+                yield con
         except StoreOpenError as exc:
             raise StoreError(str(exc)) from exc
 
@@ -219,7 +223,7 @@ class StoreWriter:
                         f"choose a new `run_name`",
                         field=key, stored=stored[key], given=given[key],
                     )
-            name = con.execute("SELECT name FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
+            name = con.execute("SELECT name FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
             done = frozenset(
                 int(g) for (g,) in con.execute("SELECT global_batch FROM batches WHERE run_id = ?", [run_id]).fetchall()
             )
