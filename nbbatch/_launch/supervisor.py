@@ -189,6 +189,9 @@ class Supervisor:
         rows = sum(w.rows for w in self.workers)
         self.meter.add(rows)
         rate = self.meter.rate()
+        elapsed = self.clock() - self.started
+        if status != "running" and elapsed > 0:
+            rate = rows / elapsed  # the final line shows the whole attempt's average
         remaining_batches = self.sharding.real_batches - self.done_batches - sum(w.failed for w in self.workers)
         eta = self.meter.eta(remaining_batches * self.sharding.batch_size) if rate else None
         return ProgressSnapshot(
@@ -200,7 +203,7 @@ class Supervisor:
             committed_batches=len(self.committed),
             failed_batches=sum(w.failed for w in self.workers),
             rows=rows,
-            elapsed=self.clock() - self.started,
+            elapsed=elapsed,
             rate=rate,
             eta=eta,
             workers=tuple(WorkerProgress(w.rank, w.done, w.todo, w.failed, w.status) for w in self.workers),
