@@ -169,29 +169,47 @@ class Run:
         )
 
     def _repr_html_(self) -> str:
-        s = self.summary
+        """Notebook view: status, counts, duration, throughput, reduced metrics, first 5 outputs."""
+        esc = html.escape
+        try:
+            s = self.summary
+        except Exception as exc:  # a display hook must not raise
+            return f"<div><b>nbbatch run</b> <code>{esc(self.id)}</code>: store unavailable ({esc(str(exc))})</div>"
         started, ended = s.get("started_at"), s.get("finished_at") or s.get("updated_at")
         seconds = (ended - started).total_seconds() if started is not None and ended is not None else None
-        rate = f"{s['committed_rows'] / seconds:,.1f} samples/s" if seconds else "?"
+        rows = int(s["committed_rows"] or 0)
+        color = {"done": "#2e7d32", "failed": "#c62828", "preempted": "#ef6c00"}.get(str(s["status"]), "#1565c0")
         fields = [
-            ("status", s["status"]), ("batches", f"{s['committed_batches']}/{s['real_batches']} committed"),
-            ("samples", f"{s['committed_rows']:,}"), ("errors", s["errors"]), ("workers", s["world_size"]),
-            ("duration", f"{seconds:.1f} s" if seconds is not None else "?"), ("throughput", rate),
-            ("reduced metrics", s["reduced_metrics"] or {}), ("output dir", s["output_dir"]), ("store", self.store),
+            ("batches", f"{s['committed_batches']}/{s['real_batches']} committed"),
+            ("samples", f"{rows:,}"),
+            ("errors", f"{s['errors']} recorded" + (f", {s['live_failed']} failed batches" if s["live_failed"] else "")),
+            ("workers", f"{s['world_size']} (attempt {s['attempt']})"),
+            ("duration", f"{seconds:.1f} s" if seconds is not None else "?"),
+            ("throughput", f"{rows / seconds:,.1f} samples/s" if seconds else "?"),
+            ("store", self.store),
         ]
-        rows = "".join(
-            f"<tr><th style='text-align:left;padding-right:12px'>{html.escape(k)}</th>"
-            f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-            for k, v in fields
+        cell = "style='text-align:left;padding:1px 12px 1px 0'"
+        table = "".join(f"<tr><th {cell}>{esc(k)}</th><td {cell}>{esc(str(v))}</td></tr>" for k, v in fields)
+        metrics = "".join(
+            f"<tr><th {cell}>{esc(str(k))}</th><td {cell}><code>{esc(repr(v) if not isinstance(v, str) else v)}</code></td></tr>"
+            for k, v in (s["reduced_metrics"] or {}).items()
         )
-        try:
-            sample = self.outputs().limit(5).df().to_html(index=False, max_cols=12, border=0)
-        except Exception:  # the preview is optional
-            sample = ""
-        return (
-            f"<div><b>nbbatch run</b> <code>{html.escape(str(s['name']))}</code><table>{rows}</table>"
-            f"{'<b>first outputs</b>' + sample if sample and s['committed_rows'] else ''}</div>"
-        )
+        error = s.get("error")
+        parts = [
+            f"<div class='nbbatch-run'><b>nbbatch run</b> <code>{esc(str(s['name']))}</code> "
+            f"<span style='color:{color};font-weight:bold'>{esc(str(s['status']))}</span>",
+            f"<table>{table}</table>",
+            f"<b>reduced metrics</b><table>{metrics}</table>" if metrics else "",
+            f"<pre style='color:#c62828;white-space:pre-wrap;max-height:200px;overflow:auto'>{esc(str(error))}</pre>"
+            if error else "",
+        ]
+        if rows:
+            try:
+                frame = self.outputs().limit(5).df()
+                parts.append("<b>first outputs</b>" + frame.to_html(index=False, max_cols=12, border=0, escape=True))
+            except Exception:  # the preview is optional
+                pass
+        return "".join(parts) + "</div>"
 
 
 def open_run(name_or_id: str, store: str | None = None) -> Run:

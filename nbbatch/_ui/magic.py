@@ -1,13 +1,18 @@
 """``%batchprocess`` and ``%%batchprocess``: run a processor from a notebook cell.
 
-The magic only parses its line into `torch_batch_process` arguments; bad usage is a one-line
-`UsageError`, errors of the run itself propagate as they are. The `Run` is left in the user's
-namespace (``--out``, default ``_run``) even when the run fails or is interrupted.
+The magic only parses its line into `torch_batch_process` keyword arguments and picks the
+display; it has no engine logic. Bad usage is a one-line `UsageError` (that exact class, so
+IPython shows no traceback); errors of the run itself (`WorkerFailed`, `StoreBusy`,
+`KeyboardInterrupt` after a preemption) propagate as they are. The `Run` is left in the user's
+namespace (``--out``, default ``_run``) even when the run fails or is interrupted. Reads ``_api``
+and ``_run`` lazily, so ``%load_ext nbbatch`` does not import torch.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import threading
 import time
 import uuid
@@ -21,9 +26,16 @@ from nbbatch._help import OPTION_HELP
 
 __all__ = ["BatchMagics"]
 
+# How long `--background` waits for the run to appear in the store before giving up.
+START_TIMEOUT = 120.0
 
-def _new_name() -> str:
-    return time.strftime("nb-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+# Background runs started by this kernel, by store path: (variable name, Run).
+_BACKGROUND: dict[str, tuple[str, Any]] = {}
+
+
+def new_run_name(clock: Any = time) -> str:
+    """``nb-YYYYmmdd-HHMMSS-xxxx``: chosen up front so a background run can be opened by name."""
+    return str(clock.strftime("nb-%Y%m%d-%H%M%S-")) + uuid.uuid4().hex[:4]
 
 
 @magics_class
@@ -35,60 +47,56 @@ class BatchMagics(Magics):
     @argument("dataset", nargs="?", help="Name of a map-style dataset (line magic).")
     @argument("--dataset", dest="dataset_name", default=None, help="Dataset name (cell magic).")
     @argument("--processor", dest="processor_name", default=None,
-              help="Which class the cell defines to run (cell magic; default: the one it defines).")
+              help="Which class the cell defines to run (cell magic; default: the only one it defines).")
     @argument("--batch-size", type=int, default=None, help=OPTION_HELP["batch_size"])
     @argument("--processes", type=int, default=None, help=OPTION_HELP["num_processes"])
     @argument("--checkpoint-interval", type=int, default=5, help=OPTION_HELP["checkpoint_interval"])
     @argument("--max-batches", type=int, default=None, help=OPTION_HELP["max_batches"])
-    @argument("--name", default=None, help=OPTION_HELP["run_name"])
+    @argument("--name", default=None, help=OPTION_HELP["run_name"] + " Default: nb-<date>-<time>-<random>.")
     @argument("--store", default=None, help=OPTION_HELP["store"])
     @argument("--on-error", choices=["raise", "skip"], default="raise", help=OPTION_HELP["on_error"])
     @argument("--max-failures", type=int, default=None, help=OPTION_HELP["max_failures"])
     @argument("--out", default="_run", help="Variable that receives the Run (default: _run).")
-    @argument("--background", action="store_true", help="Return the Run at once; the display stays live.")
+    @argument("--background", action="store_true",
+              help="Return the Run at once; the display stays live. `run.wait()` blocks, `run.stop()` preempts.")
     @argument("--no-progress", action="store_true", help="No live display.")
     @line_cell_magic
     def batchprocess(self, line: str, cell: str | None = None) -> Any:
-        """Run a TorchBatchProcessor over a dataset with live progress; outputs go to DuckDB.
+        """Run a TorchBatchProcessor over a dataset with a live display; outputs go to DuckDB.
 
-        Line magic::
+        Line magic (names are looked up in the notebook)::
 
             %batchprocess MyProcessor dataset --batch-size 64 --processes 2 --name nightly
 
-        Cell magic (runs the class the cell defines)::
+        Cell magic (runs the cell, then the TorchBatchProcessor subclass it defines)::
 
             %%batchprocess --dataset dataset --batch-size 64
             class MyProcessor(TorchBatchProcessor):
                 ...
 
-        Interrupt the kernel to stop at the next checkpoint; run the same line with the same
-        ``--name`` to resume.
+        The `Run` lands in ``_run`` (or ``--out NAME``). Interrupt the kernel to stop at the next
+        checkpoint (committed, status ``preempted``); run the same line with the same ``--name``
+        to resume. With ``--background`` the cell returns at once: ``run.wait()`` joins,
+        ``run.stop()`` preempts.
         """
         args = parse_argstring(self.batchprocess, line)
-        ns = self._shell.user_ns
+        if not args.out.isidentifier():
+            raise UsageError(f"--out must be a Python variable name, got {args.out!r}")
         if cell is None:
-            if args.processor is None or (args.dataset is None and args.dataset_name is None):
-                raise UsageError("usage: %batchprocess Processor dataset [options]; see %batchprocess?")
-            processor = self._lookup(args.processor, "processor class")
-            dataset = self._lookup(args.dataset or args.dataset_name, "dataset")
+            processor, dataset = self._line_targets(args)
         else:
-            if args.dataset_name is None and args.dataset is None:
-                raise UsageError("%%batchprocess needs --dataset NAME (the dataset to process)")
-            processor = self._run_cell_for_processor(cell, args.processor_name or args.processor)
-            dataset = self._lookup(args.dataset_name or args.dataset, "dataset")
-        if not inspect.isclass(processor):
-            raise UsageError(f"{args.processor or args.processor_name!r} is not a class; pass a TorchBatchProcessor subclass")
-        name = args.name or _new_name()
-        kwargs = dict(
-            batch_size=args.batch_size, max_batches=args.max_batches, checkpoint_interval=args.checkpoint_interval,
-            num_processes=args.processes, store=args.store, run_name=name, on_error=args.on_error,
-            max_failures=args.max_failures,
-        )
+            processor, dataset = self._cell_targets(args, cell)
+        store = os.path.abspath(args.store) if args.store else None
+        kwargs: dict[str, Any] = {
+            "batch_size": args.batch_size, "max_batches": args.max_batches,
+            "checkpoint_interval": args.checkpoint_interval, "num_processes": args.processes, "store": store,
+            "run_name": args.name or new_run_name(), "on_error": args.on_error, "max_failures": args.max_failures,
+        }
         if args.background:
             return self._background(processor, dataset, kwargs, args)
         return self._blocking(processor, dataset, kwargs, args)
 
-    # -- helpers --------------------------------------------------------------------------------
+    # -- parsing --------------------------------------------------------------------------------
     @property
     def _shell(self) -> Any:
         """The shell the magics are registered in (IPython types it as optional)."""
@@ -99,85 +107,164 @@ class BatchMagics(Magics):
     def _lookup(self, name: str, what: str) -> Any:
         ns = self._shell.user_ns
         if name not in ns:
-            raise UsageError(f"no {what} named {name!r} in the notebook; define it in a cell first")
+            raise UsageError(f"no {what} named {name!r} in the notebook; define it in a cell first, or check the spelling")
         return ns[name]
 
+    def _line_targets(self, args: Any) -> tuple[Any, Any]:
+        names = [n for n in (args.processor, args.dataset) if n is not None]
+        processor_name = args.processor_name or (names.pop(0) if names else None)
+        dataset_name = args.dataset_name or (names.pop(0) if names else None)
+        if processor_name is None:
+            raise UsageError("usage: %batchprocess Processor dataset [options] (see %batchprocess?)")
+        if dataset_name is None:
+            raise UsageError(f"%batchprocess {processor_name} needs a dataset: %batchprocess {processor_name} dataset")
+        if names:
+            raise UsageError(f"unexpected name {names[0]!r}: give the processor and the dataset once each")
+        processor = _check_processor_class(self._lookup(processor_name, "processor class"), processor_name)
+        return processor, self._lookup(dataset_name, "dataset")
+
+    def _cell_targets(self, args: Any, cell: str) -> tuple[Any, Any]:
+        if args.processor is not None:
+            raise UsageError("%%batchprocess takes no positional names; use --dataset NAME [--processor NAME]")
+        if args.dataset_name is None:
+            raise UsageError("%%batchprocess needs --dataset NAME (the dataset to process)")
+        processor = self._run_cell_for_processor(cell, args.processor_name)
+        return processor, self._lookup(args.dataset_name, "dataset")
+
     def _run_cell_for_processor(self, cell: str, chosen: str | None) -> Any:
+        """Run the cell in the user namespace (its errors propagate as they are), diff the names."""
         from nbbatch._processor import TorchBatchProcessor
 
-        ns = self._shell.user_ns
+        shell = self._shell
+        ns = shell.user_ns
         before = {k: id(v) for k, v in ns.items()}
-        result = self._shell.run_cell(cell)
-        if not result.success:
-            raise UsageError("the cell raised before defining a processor; fix the error shown above")
+        code = shell.transform_cell(cell)
+        filename = shell.compile.cache(code, shell.execution_count, raw_code=cell)
+        exec(compile(code, filename, "exec"), shell.user_global_ns, ns)  # noqa: S102 - running the user's cell is the point
         if chosen is not None:
-            return self._lookup(chosen, "processor class")
-        new = [
-            v for k, v in ns.items()
-            if inspect.isclass(v) and issubclass(v, TorchBatchProcessor) and v is not TorchBatchProcessor
-            and before.get(k) != id(v)
-        ]
+            return _check_processor_class(self._lookup(chosen, "processor class"), chosen)
+        new = sorted(
+            (k for k, v in ns.items()
+             if inspect.isclass(v) and issubclass(v, TorchBatchProcessor) and v is not TorchBatchProcessor
+             and before.get(k) != id(v)),
+        )
         if not new:
-            raise UsageError("the cell defines no TorchBatchProcessor subclass; define one, or pass --processor NAME")
+            raise UsageError("the cell defines no TorchBatchProcessor subclass; define one, or name one with --processor NAME")
         if len(new) > 1:
-            names = ", ".join(sorted(c.__name__ for c in new))
-            raise UsageError(f"the cell defines several processors ({names}); choose one with --processor NAME")
-        return new[0]
+            raise UsageError(f"the cell defines several processors ({', '.join(new)}); choose one with --processor NAME")
+        return ns[new[0]]
 
-    def _reporter(self, args: Any) -> Any:
+    # -- running --------------------------------------------------------------------------------
+    def _reporter(self, args: Any, store: str | None) -> Any:
         if args.no_progress:
             return False
+        from nbbatch._run import default_store
         from nbbatch._ui.widgets import widget_reporter
 
-        return widget_reporter()
+        return widget_reporter(store or os.path.abspath(default_store()))
 
-    def _open(self, name: str, store: str | None) -> Any:
+    def _leave_run(self, out: str, name: str, store: str | None) -> Any:
+        """Put the run (if it exists) in the namespace, e.g. a failed or preempted one."""
+        from nbbatch._errors import NbbatchError
         from nbbatch._run import open_run
 
-        return open_run(name, store=store)
+        try:
+            run = open_run(name, store=store)
+        except NbbatchError:
+            return None
+        self._shell.user_ns[out] = run
+        return run
 
     def _blocking(self, processor: Any, dataset: Any, kwargs: dict[str, Any], args: Any) -> Any:
         from nbbatch._api import torch_batch_process
-        from nbbatch._errors import RunNotFound, StoreError
+        from nbbatch._run import Run
 
+        reporter = self._reporter(args, kwargs["store"])
         try:
-            run = torch_batch_process(processor, dataset, progress=self._reporter(args), **kwargs)
-        except BaseException:
-            try:
-                self._shell.user_ns[args.out] = self._open(kwargs["run_name"], kwargs["store"])
-            except (RunNotFound, StoreError):
-                pass
+            run: Run = torch_batch_process(processor, dataset, progress=reporter, **kwargs)
+        except BaseException as exc:
+            _show_error(reporter, exc)
+            _explain_busy(exc, kwargs["store"])
+            self._leave_run(args.out, kwargs["run_name"], kwargs["store"])
             raise
         self._shell.user_ns[args.out] = run
         return run
 
     def _background(self, processor: Any, dataset: Any, kwargs: dict[str, Any], args: Any) -> Any:
         from nbbatch._api import torch_batch_process
-        from nbbatch._errors import RunNotFound, StoreError
+        from nbbatch._errors import NbbatchError
+        from nbbatch._run import open_run
 
-        reporter = self._reporter(args)
+        reporter = self._reporter(args, kwargs["store"])
         failure: list[BaseException] = []
 
         def work() -> None:
             try:
                 torch_batch_process(processor, dataset, progress=reporter, **kwargs)
-            except BaseException as exc:  # shown in the display and raised by the next `Run.wait()` caller
+            except BaseException as exc:  # shown in the display; `Run.wait()` raises it
                 failure.append(exc)
+                _show_error(reporter, exc)
 
-        thread = threading.Thread(target=work, name=f"nbbatch-{kwargs['run_name']}", daemon=True)
+        # No copied context: ipykernel then tags the thread's messages with the cell running at
+        # the time, so frontends that route by cell (nbclient) still apply the display updates.
+        thread = threading.Thread(target=work, daemon=True, name=f"nbbatch-{kwargs['run_name']}")
         thread.start()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + START_TIMEOUT
         while True:
             if failure:
+                _explain_busy(failure[0], kwargs["store"])
+                self._leave_run(args.out, kwargs["run_name"], kwargs["store"])
                 raise failure[0]
             try:
-                run = self._open(kwargs["run_name"], kwargs["store"])
+                run = open_run(kwargs["run_name"], store=kwargs["store"])
                 break
-            except (RunNotFound, StoreError):  # the store or the run is not created yet
+            except NbbatchError:  # the store or the run is not there yet
+                if not thread.is_alive() and not failure:
+                    raise UsageError(f"the background run {kwargs['run_name']!r} ended without being stored") from None
                 if time.monotonic() > deadline:
-                    raise UsageError("the background run did not start within 120 s") from None
+                    raise UsageError(
+                        f"the background run {kwargs['run_name']!r} did not appear in the store within "
+                        f"{START_TIMEOUT:.0f} s; check the store path"
+                    ) from None
                 time.sleep(0.05)
         run._thread = thread
         run._failure = failure
+        _BACKGROUND[run.store] = (args.out, run)
         self._shell.user_ns[args.out] = run
         return run
+
+
+def _check_processor_class(value: Any, name: str) -> Any:
+    if not inspect.isclass(value):
+        raise UsageError(f"{name!r} is a {type(value).__name__}, not a class; pass a TorchBatchProcessor subclass")
+    if not callable(getattr(value, "process_batch", None)):
+        raise UsageError(f"{name!r} has no `process_batch`; pass a TorchBatchProcessor subclass")
+    return value
+
+
+def _show_error(reporter: Any, exc: BaseException) -> None:
+    show = getattr(reporter, "show_error", None)
+    if show is not None:
+        try:
+            show(exc)
+        except Exception:  # a broken display must not hide the run's own error
+            logging.getLogger("nbbatch").exception("progress display failed")
+
+
+def _explain_busy(exc: BaseException, store: str | None) -> None:
+    """Add a notebook hint to `StoreBusy`: which background run of this kernel holds the store."""
+    from nbbatch._errors import StoreBusy
+    from nbbatch._run import default_store
+
+    if not isinstance(exc, StoreBusy) or getattr(exc, "_nbbatch_explained", False):
+        return
+    exc._nbbatch_explained = True  # type: ignore[attr-defined]
+    path = store or os.path.abspath(default_store())
+    holder = _BACKGROUND.get(path)
+    if holder is not None and holder[1]._thread is not None and holder[1]._thread.is_alive():
+        exc.add_note(
+            f"%batchprocess: the background run in `{holder[0]}` ({holder[1].name!r}) holds this store; "
+            f"`{holder[0]}.wait()` for it or `{holder[0]}.stop()` it, or pass --store OTHER.duckdb"
+        )
+    else:
+        exc.add_note("%batchprocess: pass --store OTHER.duckdb to run beside the live run")

@@ -1,26 +1,31 @@
-"""The tutorial notebooks run on a real kernel (nbclient), and a kernel interrupt preempts a run."""
+"""The tutorial notebooks on a real kernel (nbclient), and a kernel interrupt that preempts a run.
+
+The kernel runs this interpreter (see ``conftest.kernel_name``) in a temporary working directory;
+the assertions read the DuckDB store the notebook wrote.
+"""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import queue
 import shutil
 import time
+from typing import Any
 
 import duckdb
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
-def execute(name: str, cwd: pathlib.Path) -> nbformat.NotebookNode:
-    shutil.copy(ROOT / "notebooks" / name, cwd / name)
+def execute(notebooks_dir: pathlib.Path, name: str, cwd: pathlib.Path, kernel_name: str) -> nbformat.NotebookNode:
+    shutil.copy(notebooks_dir / name, cwd / name)
     book = nbformat.read(cwd / name, as_version=4)
-    NotebookClient(book, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), "notebooks are stored without outputs"
+    NotebookClient(book, timeout=240, kernel_name=kernel_name, resources={"metadata": {"path": str(cwd)}}).execute()
     return book
 
 
@@ -32,43 +37,75 @@ def text(cell: nbformat.NotebookNode) -> str:
     return "\n".join(out)
 
 
-def test_quickstart_notebook(tmp_path: pathlib.Path) -> None:
-    book = execute("01_quickstart.ipynb", tmp_path)
-    con = duckdb.connect(str(tmp_path / "nbbatch.duckdb"), read_only=True)
-    runs = dict(con.execute("SELECT name, status FROM runs").fetchall())
-    assert runs == {"quickstart": "done", "slow": "done"}
-    for name in runs:
-        run_id = con.execute("SELECT run_id FROM runs WHERE name = ?", [name]).fetchone()[0]
-        count, distinct, low, high = con.execute(
-            f"SELECT count(*), count(DISTINCT sample_index), min(sample_index), max(sample_index) FROM outputs_{run_id}"
-        ).fetchone()
-        assert (count, distinct, low, high) == (1000, 1000, 0, 999), name
-    attempts = con.execute("SELECT attempt FROM runs WHERE name = 'slow'").fetchone()[0]
-    assert attempts == 2, "the slow run was stopped once and resumed once"
-    stopped = [text(c) for c in book.cells if "slow.stop()" in c.source][0]
+def cell_with(book: nbformat.NotebookNode, snippet: str) -> nbformat.NotebookNode:
+    return next(c for c in book.cells if c.cell_type == "code" and snippet in c.source)
+
+
+def coverage(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, int, int, int]:
+    run_id = con.execute("SELECT run_id FROM runs WHERE name = ?", [name]).fetchone()[0]
+    return con.execute(
+        f"SELECT count(*), count(DISTINCT sample_index), min(sample_index), max(sample_index) FROM outputs_{run_id}"
+    ).fetchone()
+
+
+def test_quickstart_notebook(notebooks_dir: pathlib.Path, tmp_path: pathlib.Path, kernel_name: str) -> None:
+    book = execute(notebooks_dir, "01_quickstart.ipynb", tmp_path, kernel_name)
+    with duckdb.connect(str(tmp_path / "nbbatch.duckdb"), read_only=True) as con:
+        runs = dict(con.execute("SELECT name, status FROM runs").fetchall())
+        assert runs == {"quickstart": "done", "squares": "done", "slow": "done"}
+        for name in runs:
+            assert coverage(con, name) == (1000, 1000, 0, 999), name
+        attempts, reduced = con.execute("SELECT attempt, reduced_metrics FROM runs WHERE name = 'slow'").fetchone()
+        assert attempts == 2, "the slow run was stopped once and resumed once"
+        quick = con.execute("SELECT reduced_metrics FROM runs WHERE name = 'quickstart'").fetchone()[0]
+    # Both runs use equal-size batches, so the mean of batch means is the mean over all 1000 samples.
+    assert json.loads(reduced)["mean_norm"] == pytest.approx(json.loads(quick)["mean_norm"], rel=1e-6), (
+        "the resumed run's reducer covers the whole dataset"
+    )
+    stopped = text(cell_with(book, "slow.stop()"))
     assert stopped.startswith("preempted"), stopped
-    sql = [text(c) for c in book.cells if "features_type" in c.source][0]
+    assert int(stopped.split()[1]) < 100
+    sql = text(cell_with(book, "features_type"))
     assert "FLOAT[3]" in sql and "1000" in sql
+    assert str(sum(i * i for i in range(1000))) in text(cell_with(book, "sum(square)"))
     final = text(book.cells[-1])
     assert "done [(1000, 1000)]" in final and "mean_norm" in final
-    # The live display leaves a static summary behind in the saved notebook.
-    assert any("nbbatch</b> run" in text(c) for c in book.cells if "%batchprocess" in c.source)
+    # A blocking run's live display leaves a static summary behind in the saved notebook.
+    for snippet in ("%batchprocess Featurize", "%%batchprocess"):
+        shown = text(cell_with(book, snippet))
+        assert "nbbatch</b> run" in shown and "nbbatch-summary" in shown, snippet
+        assert "application/vnd.jupyter.widget-view+json" not in str(cell_with(book, snippet).outputs)
+    # A background run ends during a later cell; the display update still reaches its own cell,
+    # and the widget itself holds the summary too (for frontends that drop such updates).
+    shown = text(cell_with(book, "--background"))
+    assert "nbbatch-summary" in shown and "<code>slow</code>" in shown and "preempted" in shown, shown
+    states = book.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"].values()
+    final = [m["state"]["value"] for m in states if "nbbatch-summary" in str(m["state"].get("value", ""))]
+    assert any("<code>slow</code>" in v and "preempted" in v for v in final), final
+    resumed = text(cell_with(book, "run_name=\"slow\""))
+    assert "nbbatch-summary" in resumed and "nbbatch-run" in resumed  # live display, then the Run's own HTML
 
 
-def test_batch_inference_notebook(tmp_path: pathlib.Path) -> None:
-    book = execute("02_batch_inference.ipynb", tmp_path)
+def test_batch_inference_notebook(notebooks_dir: pathlib.Path, tmp_path: pathlib.Path, kernel_name: str) -> None:
+    book = execute(notebooks_dir, "02_batch_inference.ipynb", tmp_path, kernel_name)
     final = text(book.cells[-1])
     assert final.startswith("256 True {'accuracy': ")
     accuracy = float(final.split("'accuracy': ")[1].rstrip("}\n"))
     assert 0.0 <= accuracy <= 1.0
-    con = duckdb.connect(str(tmp_path / "nbbatch.duckdb"), read_only=True)
-    run_id, reduced = con.execute("SELECT run_id, reduced_metrics FROM runs WHERE name = 'cifar'").fetchone()
-    correct = con.execute(f"SELECT avg((prediction = label)::INT) FROM outputs_{run_id}").fetchone()[0]
+    with duckdb.connect(str(tmp_path / "nbbatch.duckdb"), read_only=True) as con:
+        assert coverage(con, "cifar") == (256, 256, 0, 255)
+        run_id, status = con.execute("SELECT run_id, status FROM runs WHERE name = 'cifar'").fetchone()
+        assert status == "done"
+        correct = con.execute(f"SELECT avg((prediction = label)::INT) FROM outputs_{run_id}").fetchone()[0]
+        batches = con.execute(
+            "SELECT count(*) FROM metrics WHERE run_id = ? AND name = 'batch_accuracy'", [run_id]
+        ).fetchone()[0]
     assert correct == pytest.approx(accuracy), "the reducer agrees with the stored predictions"
-    assert con.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND name = 'batch_accuracy'", [run_id]).fetchone()[0] == 8
+    assert batches == 8
+    assert "first outputs" in text(cell_with(book, "the Run's summary"))
 
 
-def _run_cell(client, code: str, timeout: float = 120) -> list[dict]:
+def _run_cell(client: Any, code: str, timeout: float = 120) -> list[dict[str, Any]]:
     msg_id = client.execute(code)
     outputs = []
     deadline = time.monotonic() + timeout
@@ -84,10 +121,22 @@ def _run_cell(client, code: str, timeout: float = 120) -> list[dict]:
         outputs.append(msg)
 
 
-def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.Path) -> None:
+def _printed(messages: list[dict[str, Any]]) -> str:
+    return "".join(m["content"].get("text", "") for m in messages if m["msg_type"] == "stream")
+
+
+def _committed(store: pathlib.Path) -> int:
+    try:
+        with duckdb.connect(str(store), read_only=True) as con:
+            return int(con.execute("SELECT count(*) FROM batches").fetchone()[0])
+    except duckdb.Error:  # the launcher holds the file during a flush, or no table yet
+        return 0
+
+
+def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.Path, kernel_name: str) -> None:
     from jupyter_client.manager import start_new_kernel
 
-    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    km, kc = start_new_kernel(kernel_name=kernel_name, cwd=str(tmp_path))
     try:
         setup = (
             "import time, torch\nfrom nbbatch import TorchBatchProcessor\n"
@@ -98,34 +147,31 @@ def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.P
             "data = list(range(300))\n%load_ext nbbatch\n"
         )
         _run_cell(kc, setup)
-        line = "%batchprocess Slow data --batch-size 3 --processes 2 --checkpoint-interval 2 --name interrupted --no-progress"
+        # With the widget display (a Jupyter kernel): the interrupt must still preempt cleanly.
+        line = "%batchprocess Slow data --batch-size 3 --processes 2 --checkpoint-interval 2 --name interrupted"
         msg_id = kc.execute(line)
         store = tmp_path / "nbbatch.duckdb"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # wait until batches are committed
+        deadline = time.monotonic() + 90
+        while _committed(store) < 4:
+            assert time.monotonic() < deadline, "no batches committed"
             time.sleep(0.3)
-            if store.exists():
-                try:
-                    con = duckdb.connect(str(store), read_only=True)
-                    done = con.execute("SELECT count(*) FROM batches").fetchone()[0]
-                    con.close()
-                except duckdb.Error:
-                    continue
-                if done >= 4:
-                    break
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=60)
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = kc.get_shell_msg(timeout=60)
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
-        status = _run_cell(kc, "print(_run.status, _run.counts['committed_batches'])")
-        printed = "".join(m["content"].get("text", "") for m in status if m["msg_type"] == "stream")
-        assert printed.startswith("preempted"), printed
-        assert int(printed.split()[1]) < 100
-        _run_cell(kc, line)
-        result = _run_cell(kc, "print(_run.status, _run.reduced_metrics['total'], _run.sql('SELECT count(*), count(DISTINCT sample_index) FROM outputs').fetchall())")
-        printed = "".join(m["content"].get("text", "") for m in result if m["msg_type"] == "stream")
-        assert printed.strip() == f"done {sum(range(300))} [(300, 300)]", printed
+        assert "resume with run_name='interrupted'" in reply["content"]["evalue"]
+        printed = _printed(_run_cell(kc, "print(_run.status, _run.counts['committed_batches'])"))
+        status, committed = printed.split()
+        assert status == "preempted" and 4 <= int(committed) < 100, printed
+        resumed = _run_cell(kc, line)
+        shown = "".join(str(m["content"].get("data", {}).get("text/html", "")) for m in resumed)
+        assert "nbbatch-summary" in shown
+        check = (
+            "print(_run.status, _run.reduced_metrics['total'], "
+            "_run.sql('SELECT count(*), count(DISTINCT sample_index), min(sample_index), max(sample_index) FROM outputs').fetchall())"
+        )
+        assert _printed(_run_cell(kc, check)).strip() == f"done {sum(range(300))} [(300, 300, 0, 299)]"
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
