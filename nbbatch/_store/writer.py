@@ -346,25 +346,24 @@ class StoreWriter:
 
     def _insert(self, con: duckdb.DuckDBPyConnection, table: str, data: pa.Table) -> None:
         con.register("_nbbatch_rows", data)
-        try:
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_rows")
-        finally:
-            con.unregister("_nbbatch_rows")
+        # No `finally`: after a failed insert the transaction is aborted, so unregistering would
+        # raise and hide the real error (e.g. a type mismatch); the caller's ROLLBACK drops the view.
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_rows")
+        con.unregister("_nbbatch_rows")
 
     def _insert_outputs(self, con: duckdb.DuckDBPyConnection, run_id: str, data: pa.Table) -> None:
         table = outputs_table_name(run_id)
         con.register("_nbbatch_out", data)
-        try:
-            if table not in self._tables:
-                con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM _nbbatch_out LIMIT 0")
-                self._tables.add(table)
-            have = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
-            for name, kind, *_ in con.execute("DESCRIBE _nbbatch_out").fetchall():
-                if name not in have:
-                    con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {kind}')
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_out")
-        finally:
-            con.unregister("_nbbatch_out")
+        # No `finally` (see `_insert`): unregistering in an aborted transaction hides the real error.
+        if table not in self._tables:
+            con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM _nbbatch_out LIMIT 0")
+        have = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
+        for name, kind, *_ in con.execute("DESCRIBE _nbbatch_out").fetchall():
+            if name not in have:
+                con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {kind}')
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_out")
+        con.unregister("_nbbatch_out")
+        self._tables.add(table)  # only now: a rolled-back CREATE must be retried next time
 
 
 def _warm_arrow_ingest() -> None:
