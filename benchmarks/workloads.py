@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -58,11 +59,13 @@ def make_data(workload: str, n: int) -> Tensors:
     return Tensors(torch.randn(shape, generator=g))
 
 
-def loop(workload: str, data: Tensors, batch_size: int, out_dir: str) -> int:
+def loop(workload: str, data: Tensors, batch_size: int, out_dir: str) -> float:
+    """Run the hand-written loop; return its steady seconds (first batch to Parquet file closed)."""
     model = make_model(workload).eval()
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
     writer = None
     rows = 0
+    t_first = time.perf_counter()
     with torch.no_grad():
         for i, batch in enumerate(loader):
             out = model(batch)
@@ -78,7 +81,7 @@ def loop(workload: str, data: Tensors, batch_size: int, out_dir: str) -> int:
             rows += len(batch)
     if writer is not None:
         writer.close()
-    return len(data)
+    return time.perf_counter() - t_first
 
 
 def processors() -> dict[str, type]:
@@ -111,10 +114,12 @@ def main() -> None:
     os.environ["BENCH_WORKLOAD"] = workload
     data = make_data(workload, n)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        phases: dict[str, float] = {}
         if variant == "loop":
             torch.set_num_threads(workers)
-            loop(workload, data, batch_size, tmp)
+            steady = loop(workload, data, batch_size, tmp)
         else:
             # Imported here so that the loop variant never pays for (or races with) nbbatch.
             from nbbatch import torch_batch_process
@@ -126,15 +131,24 @@ def main() -> None:
             if workload != "noop":
                 assert run.counts["rows"] == n
         seconds = time.perf_counter() - t0
-        steady = seconds
         if variant != "loop":
             # From the first batch's start to the last commit: throughput once workers run, storage included.
             steady = run.sql(
                 "SELECT epoch(max(committed_at)) - epoch(min(started_at)) FROM batches WHERE run_id = $id",
                 params={"id": run.id},
             ).fetchall()[0][0]
+            first, last = run.sql(
+                "SELECT epoch(min(started_at)), epoch(max(committed_at)) FROM batches WHERE run_id = $id",
+                params={"id": run.id},
+            ).fetchall()[0]
+            # Where the call's time goes: start-up (store, spawn, unpickling, model build) and tail.
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            phases = {"to_first_batch": first - wall0, "after_last_commit": wall0 + seconds - last,
+                      # CPU the launcher itself used during the call (DuckDB flushes, pickling, pipes).
+                      "launcher_cpu": cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime}
     print(json.dumps({"workload": workload, "variant": variant, "n": n, "batch_size": batch_size, "workers": workers,
-                      "seconds": seconds, "steady_seconds": steady, "since_start": time.perf_counter() - T_START}))
+                      "seconds": seconds, "steady_seconds": steady, "since_start": time.perf_counter() - T_START,
+                      "before_call": t0 - T_START, **phases}))
 
 
 if __name__ == "__main__":

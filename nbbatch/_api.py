@@ -26,6 +26,7 @@ from nbbatch._errors import InvalidArgument, InvalidDataset, StoreError
 from nbbatch._plan import make_sharding
 from nbbatch._progress import NullReporter, Reporter, terminal_reporter
 from nbbatch._run import Run, default_store
+from nbbatch._store.control import clear_stop
 from nbbatch._store.writer import RunSpec, StoreWriter
 
 __all__ = ["RunConfig", "torch_batch_process"]
@@ -318,6 +319,7 @@ def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter
     writer = StoreWriter(config.store)
     try:
         record = writer.begin(spec)
+        clear_stop(writer.path, record.run_id)
         if record.status == "done":
             logger.info("run %r is already done in %s; returning it as is", record.name, config.store)
             return Run(config.store, record.run_id)
@@ -327,7 +329,10 @@ def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter
         except BaseException as exc:
             _finish_quietly(writer, record, "failed", f"{type(exc).__name__}: {exc}")
             raise
-        writer.finish(record, outcome.status, outcome.reduced, str(outcome.error) if outcome.error else None)
+        if outcome.error is None:
+            writer.finish(record, outcome.status, outcome.reduced, None)
+        else:  # the run's own error (a full disk, say) is the one to raise, not a failing status update
+            _finish_quietly(writer, record, outcome.status, str(outcome.error), outcome.reduced)
         if outcome.used_upload_path:
             logger.info("Files stored with default paths are at: %s", record.output_dir)
     finally:
@@ -342,9 +347,11 @@ def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter
     return run
 
 
-def _finish_quietly(writer: StoreWriter, record: Any, status: str, error: str) -> None:
+def _finish_quietly(
+    writer: StoreWriter, record: Any, status: str, error: str, reduced: dict[str, Any] | None = None
+) -> None:
     try:
-        writer.finish(record, status, None, error)
+        writer.finish(record, status, reduced, error)
     except StoreError:
         logger.exception("could not mark run %r %s", record.name, status)
 

@@ -25,6 +25,7 @@ from nbbatch._launch.local import _Signals, default_threads
 from nbbatch._plan import Sharding
 from nbbatch._progress import Reporter
 from nbbatch._run import Run
+from nbbatch._store.control import clear_stop
 from nbbatch._store.writer import RunRecord, RunSpec, StoreWriter
 from nbbatch._worker.collective import Coordinator, TorchCoordinator
 from nbbatch._worker.distributed import (
@@ -101,6 +102,7 @@ def _open(config: Any, spec: RunSpec, coordinator: Coordinator, group: Any) -> t
                 )
         writer = StoreWriter(config.store)
         record = writer.begin(spec)
+        clear_stop(writer.path, record.run_id)
     except BaseException as exc:
         if writer is not None:
             writer.close()

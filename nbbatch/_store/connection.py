@@ -83,6 +83,8 @@ def _explain(path: str, text: str, read_only: bool) -> str:
             f"`{path}` is not a readable nbbatch store ({text.splitlines()[0]}); "
             f"move it away or pass another `store=` path"
         )
+    if "No space left" in text:
+        return f"the disk holding `{path}` is full ({text.splitlines()[0]}); free space, or pass another `store=` path"
     mode = "read" if read_only else "write"
     return f"cannot {mode} the store `{path}`: {text.splitlines()[0] if text else 'unknown error'}"
 

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -120,8 +120,8 @@ class StoreWriter:
         self._lock_file: IO[str] | None = None
         self._tables: set[str] = set()
         self._acquire_lock()
-        # DuckDB imports pandas on the first Arrow scan (~0.3 s); pay it while workers start.
-        threading.Thread(target=_warm_arrow_ingest, daemon=True, name="nbbatch-warm-up").start()
+        # Pay DuckDB's first-Arrow-scan imports (~0.3 s) now; a daemon killed inside DuckDB at exit aborts.
+        threading.Thread(target=_warm_arrow_ingest, daemon=False, name="nbbatch-warm-up").start()
         self._writing: Any = writing(self.path)
         self._writing.__enter__()
         try:
@@ -156,10 +156,10 @@ class StoreWriter:
 
     def _set_holder(self, what: str) -> None:
         assert self._lock_file is not None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(f"run {what}, pid {os.getpid()} on {socket.gethostname()}")
-        self._lock_file.flush()
+        fd = self._lock_file.fileno()  # unbuffered: a failed write must not resurface at close()
+        with suppress(OSError):  # only informational; a full disk must not break the locking
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"run {what}, pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
 
     def close(self) -> None:
         """Release the store lock; the file itself is already closed between flushes."""
@@ -252,17 +252,21 @@ class StoreWriter:
     def finish(self, record: RunRecord, status: str, reduced: dict[str, Any] | None, error: str | None) -> None:
         """Set the run's final status (``done``, ``failed``, ``preempted``)."""
         now = timestamp(time.time())
-        with self._open() as con:
-            con.execute(
-                "UPDATE runs SET status = ?, reduced_metrics = coalesce(?, reduced_metrics), error = ?, "
-                "updated_at = ?, finished_at = ? WHERE run_id = ?",
-                [status, json.dumps(jsonable(reduced)) if reduced is not None else None, error, now, now, record.run_id],
-            )
-            con.execute(
-                "UPDATE progress SET status = CASE WHEN status = 'running' THEN ? ELSE status END "
-                "WHERE run_id = ? AND attempt = ?",
-                [status, record.run_id, record.attempt],
-            )
+        try:
+            with self._open() as con:
+                con.execute(
+                    "UPDATE runs SET status = ?, reduced_metrics = coalesce(?, reduced_metrics), error = ?, "
+                    "updated_at = ?, finished_at = ? WHERE run_id = ?",
+                    [status, json.dumps(jsonable(reduced)) if reduced is not None else None, error, now, now,
+                     record.run_id],
+                )
+                con.execute(
+                    "UPDATE progress SET status = CASE WHEN status = 'running' THEN ? ELSE status END "
+                    "WHERE run_id = ? AND attempt = ?",
+                    [status, record.run_id, record.attempt],
+                )
+        except duckdb.Error as exc:  # e.g. a full disk: say so, as `commit` does
+            raise StoreError(_explain_write(self.path, exc)) from exc
 
     # -- commits --------------------------------------------------------------------------------
     def commit(self, record: RunRecord, commit: Commit) -> None:
@@ -279,7 +283,9 @@ class StoreWriter:
                     con.execute("UPDATE runs SET updated_at = ? WHERE run_id = ?", [timestamp(now), run_id])
                     con.execute("COMMIT")
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    # A failed COMMIT (full disk) already rolled back; don't hide it behind "no transaction".
+                    with suppress(duckdb.Error):
+                        con.execute("ROLLBACK")
                     raise
         except duckdb.Error as exc:
             raise StoreError(_explain_write(self.path, exc)) from exc

@@ -1,0 +1,107 @@
+"""A worker killed by a signal (as the OOM killer does) ends the run with `WorkerDied` carrying where
+it died, leaves no worker behind, and the failed run resumes exactly once with reducers intact."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+import nbbatch
+from nbbatch import MetricReducer, TorchBatchProcessor, WorkerDied, torch_batch_process
+
+pytestmark = pytest.mark.timeout(150)
+
+N, BS, KILL_AT = 40, 2, 13  # sample 13: global batch 6 -> rank 0, batch_idx 3 with 2 workers
+
+
+class Sum(MetricReducer):
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0
+
+    def update(self, value: int) -> None:
+        self.total += value
+
+    def per_slot_reduce(self) -> int:
+        return self.total
+
+    def cross_slot_reduce(self, per_slot_metrics: list[int]) -> int:
+        return sum(per_slot_metrics)
+
+
+class DiesOnce(TorchBatchProcessor):
+    """SIGKILLs its own process on the batch holding sample $NBBATCH_TEST_KILL_AT (unset: never)."""
+
+    def __init__(self, context: Any) -> None:
+        self.sum = context.wrap_reducer(Sum(), name="sum")
+        self.order = context.wrap_reducer(lambda values: values, name="order")
+
+    def process_batch(self, batch: Any, batch_idx: int) -> Any:
+        time.sleep(0.02)
+        if int(os.environ.get("NBBATCH_TEST_KILL_AT", "-1")) in batch.tolist():
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.sum.update(int(batch.sum()))
+        for value in batch.tolist():
+            self.order.update(value)
+        return {"value": batch * 7}
+
+
+def worker_processes() -> list[psutil.Process]:
+    """This process's multiprocessing workers: children of its forkserver (which itself may stay)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "multiprocessing.forkserver" in " ".join(child.parent().cmdline()):
+                found.append(child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            continue
+    return found
+
+
+def go(store: str, workers: int, **kwargs: Any) -> nbbatch.Run:
+    return torch_batch_process(DiesOnce, list(range(N)), batch_size=BS, num_processes=workers, checkpoint_interval=2,
+                               store=store, run_name="oom", progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_killed_worker_fails_the_run_and_resume_completes(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, on_error: str
+) -> None:
+    store = str(tmp_path / "s.duckdb")
+    monkeypatch.setenv("NBBATCH_TEST_KILL_AT", str(KILL_AT))
+    started = time.monotonic()
+    # A dead process cannot be skipped: "skip" is for exceptions, a signal still fails the run.
+    with pytest.raises(WorkerDied) as info:
+        go(store, 2, on_error=on_error)
+    assert time.monotonic() - started < 90
+    err = info.value
+    assert (err.rank, err.batch_idx, err.global_batch) == (0, 3, 6)
+    assert err.indices == [12, 13]
+    assert "killed by SIGKILL" in str(err) and "run_name='oom'" in str(err)
+
+    deadline = time.monotonic() + 15
+    while worker_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_processes() == [], "the surviving worker must be stopped too"
+
+    run = nbbatch.open_run("oom", store=store)
+    assert run.status == "failed" and "SIGKILL" in (run.error or "")
+    committed = [s for (s,) in run.outputs().project("sample_index").fetchall()]
+    assert KILL_AT not in committed and len(committed) == len(set(committed))
+
+    # Resume with another worker count once the cause is gone.
+    monkeypatch.delenv("NBBATCH_TEST_KILL_AT")
+    resumed = go(store, 3, on_error=on_error)
+    assert resumed.id == run.id and resumed.status == "done"
+    assert [s for (s,) in resumed.outputs().project("sample_index").fetchall()] == list(range(N))
+    assert [v for (v,) in resumed.outputs().project("value").fetchall()] == [7 * i for i in range(N)]
+    assert sorted(g for (g,) in resumed.batches().project("global_batch").fetchall()) == list(range(N // BS))
+    assert resumed.reduced_metrics == {"sum": sum(range(N)), "order": list(range(N))}
