@@ -228,6 +228,11 @@ def _watch(
                     if sup.fatal is not None or rank in sup.finished:
                         continue
                 error = _died(rank, code, sup)
+        if sup.fatal is not None and error is None and sup.fatal.global_batch is None:
+            # A peer's collective breaks when a worker dies; name the dead worker, not the peer.
+            dead = _wait_for_death(procs, exited, sentinels, seconds=2.0)
+            if dead is not None:
+                error = _died(dead[0], dead[1], sup)
         if sup.fatal is not None and error is None:
             error = WorkerFailed(
                 _describe_failure(sup.fatal, record.name),
@@ -298,6 +303,20 @@ def _watch(
         logger.exception("progress display failed")
     interrupted = signals.last if (signals.count and status == "preempted") else None
     return Outcome(status, sup.reduced, error, interrupted, sup.used_upload_path)
+
+
+def _wait_for_death(procs: list[Any], exited: dict[int, int], sentinels: dict[Any, int], seconds: float) -> tuple[int, int] | None:
+    """``(rank, exit code)`` of a worker killed by a signal within ``seconds``, if any."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for rank, proc in enumerate(procs):
+            code = proc.exitcode
+            if code is not None and code < 0:
+                exited[rank] = code
+                return rank, code
+        if time.monotonic() >= deadline:
+            return None
+        wait([s for s, r in sentinels.items() if r not in exited], timeout=0.1)
 
 
 def _drain(conn: Connection, open_conns: dict[Connection, int], sup: Supervisor) -> None:
