@@ -173,7 +173,7 @@ class Run:
         esc = html.escape
         try:
             s = self.summary
-        except Exception as exc:  # a display hook must not raise
+        except Exception as exc:  # noqa: BLE001 - a display hook must not raise
             return f"<div><b>nbbatch run</b> <code>{esc(self.id)}</code>: store unavailable ({esc(str(exc))})</div>"
         started, ended = s.get("started_at"), s.get("finished_at") or s.get("updated_at")
         seconds = (ended - started).total_seconds() if started is not None and ended is not None else None
@@ -196,8 +196,12 @@ class Run:
         )
         error = s.get("error")
         parts = [
-            f"<div class='nbbatch-run'><b>nbbatch run</b> <code>{esc(str(s['name']))}</code> "
-            f"<span style='color:{color};font-weight:bold'>{esc(str(s['status']))}</span>",
+            (
+                "<div class='nbbatch-run' style='font-family:sans-serif;border:1px solid #ddd;border-radius:6px;"
+                "padding:8px;max-width:760px;overflow-x:auto'>"
+                f"<b>nbbatch run</b> <code>{esc(str(s['name']))}</code> "
+                f"<span style='color:{color};font-weight:bold'>{esc(str(s['status']))}</span>"
+            ),
             f"<table>{table}</table>",
             f"<b>reduced metrics</b><table>{metrics}</table>" if metrics else "",
             f"<pre style='color:#c62828;white-space:pre-wrap;max-height:200px;overflow:auto'>{esc(str(error))}</pre>"
@@ -206,8 +210,14 @@ class Run:
         if rows:
             try:
                 frame = self.outputs().limit(5).df()
+                # Long texts or vectors are clipped so the preview stays a few lines high.
+                def clip(value: Any) -> str:
+                    text = str(value)
+                    return text if len(text) <= 60 else text[:59] + "…"
+
+                frame = frame.map(clip)
                 parts.append("<b>first outputs</b>" + frame.to_html(index=False, max_cols=12, border=0, escape=True))
-            except Exception:  # the preview is optional
+            except Exception:  # noqa: BLE001, S110 - the preview is optional (e.g. the store is mid-flush)
                 pass
         return "".join(parts) + "</div>"
 

@@ -79,6 +79,7 @@ class BatchMagics(Magics):
         to resume. With ``--background`` the cell returns at once: ``run.wait()`` joins,
         ``run.stop()`` preempts.
         """
+        __tracebackhide__ = True  # IPython shows the cell line and the error, not the magic's frames
         args = parse_argstring(self.batchprocess, line)
         if not args.out.isidentifier():
             raise UsageError(f"--out must be a Python variable name, got {args.out!r}")
@@ -179,13 +180,17 @@ class BatchMagics(Magics):
         from nbbatch._api import torch_batch_process
         from nbbatch._run import Run
 
+        __tracebackhide__ = True
         reporter = self._reporter(args, kwargs["store"])
         try:
             run: Run = torch_batch_process(processor, dataset, progress=reporter, **kwargs)
         except BaseException as exc:
             _show_error(reporter, exc)
             _explain_busy(exc, kwargs["store"])
+            _explain_resume(exc, kwargs["run_name"], named=args.name is not None)
             self._leave_run(args.out, kwargs["run_name"], kwargs["store"])
+            if _is_expected(exc):
+                _raise_in_cell(exc)
             raise
         self._shell.user_ns[args.out] = run
         return run
@@ -201,7 +206,8 @@ class BatchMagics(Magics):
         def work() -> None:
             try:
                 torch_batch_process(processor, dataset, progress=reporter, **kwargs)
-            except BaseException as exc:  # shown in the display; `Run.wait()` raises it
+            except BaseException as exc:  # noqa: BLE001 - shown in the display; `Run.wait()` raises it
+                _explain_resume(exc, kwargs["run_name"], named=args.name is not None)
                 failure.append(exc)
                 _show_error(reporter, exc)
 
@@ -210,10 +216,13 @@ class BatchMagics(Magics):
         thread = threading.Thread(target=work, daemon=True, name=f"nbbatch-{kwargs['run_name']}")
         thread.start()
         deadline = time.monotonic() + START_TIMEOUT
+        __tracebackhide__ = True
         while True:
             if failure:
                 _explain_busy(failure[0], kwargs["store"])
                 self._leave_run(args.out, kwargs["run_name"], kwargs["store"])
+                if _is_expected(failure[0]):
+                    _raise_in_cell(failure[0])
                 raise failure[0]
             try:
                 run = open_run(kwargs["run_name"], store=kwargs["store"])
@@ -249,6 +258,28 @@ def _show_error(reporter: Any, exc: BaseException) -> None:
             show(exc)
         except Exception:  # a broken display must not hide the run's own error
             logging.getLogger("nbbatch").exception("progress display failed")
+
+
+def _is_expected(exc: BaseException) -> bool:
+    """An error nbbatch raised on purpose, or the interrupt after a preemption: its text says it all."""
+    from nbbatch._errors import NbbatchError
+
+    return isinstance(exc, NbbatchError) or (isinstance(exc, KeyboardInterrupt) and "preempted" in str(exc))
+
+
+def _raise_in_cell(exc: BaseException) -> None:
+    """Re-raise without the launcher's frames: the message has the cause, the fix and any worker traceback."""
+    raise exc.with_traceback(None)  # see the message below
+
+
+def _explain_resume(exc: BaseException, name: str, named: bool) -> None:
+    """A preempted or failed run resumes under its name; a generated name must be passed back."""
+    from nbbatch._errors import RunFailed, WorkerFailed
+
+    if not (isinstance(exc, (WorkerFailed, RunFailed)) or (isinstance(exc, KeyboardInterrupt) and "preempted" in str(exc))):
+        return
+    how = "run the same line again" if named else f"run the line again with `--name {name}`"
+    exc.add_note(f"%batchprocess: to resume (committed batches are kept), {how}")
 
 
 def _explain_busy(exc: BaseException, store: str | None) -> None:

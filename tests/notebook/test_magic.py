@@ -171,6 +171,30 @@ def test_help_text(shell: InteractiveShell) -> None:
     assert shell.find_cell_magic("batchprocess").__doc__ == doc
 
 
+def test_help_through_the_question_mark(shell: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+    assert shell.run_cell("%batchprocess?").success
+    page = capsys.readouterr().out
+    for text in ("%batchprocess [--dataset DATASET_NAME]", "--batch-size BATCH_SIZE", "--background",
+                 "--on-error", "Samples per batch", "%%batchprocess --dataset dataset"):
+        assert text in page, text
+
+
+def test_errors_read_well_in_a_cell(shell: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+    result = shell.run_cell("%batchprocess Missing data")
+    assert type(result.error_in_exec) is UsageError
+    shown = "".join(capsys.readouterr())
+    assert shown.strip() == "UsageError: no processor class named 'Missing' in the notebook; define it in a cell first, or check the spelling"
+    shell.run_cell("%colors nocolor")
+    result = shell.run_cell("%batchprocess Broken data --batch-size 4 --no-progress")
+    assert isinstance(result.error_in_exec, nbbatch.WorkerFailed)
+    shown = "".join(capsys.readouterr())
+    # The cell line, the message with the worker's own traceback, and how to resume; no launcher frames.
+    assert "KeyError: 'missing feature'" in shown and "--- remote traceback (rank 0) ---" in shown
+    assert f"run the line again with `--name {result.error_in_exec.run_name}`" in shown
+    for internal in ("_api.py", "local.py", "supervisor.py", "writer.py"):
+        assert internal not in shown, internal
+
+
 def test_worker_failure_propagates_with_the_run_left_behind(shell: InteractiveShell) -> None:
     with pytest.raises(nbbatch.WorkerFailed) as info:
         shell.run_line_magic("batchprocess", "Broken data --batch-size 4 --name broken --no-progress")
@@ -220,3 +244,16 @@ def test_repr_html_shows_status_metrics_outputs_escaped(shell: InteractiveShell)
                  "first outputs", "double", "sample_index"):
         assert text in page, text
     assert page.count("<tr") == 7 + 1 + 6  # fields, metric, header + 5 output rows
+
+
+def test_repr_html_clips_long_values(shell: InteractiveShell) -> None:
+    shell.run_cell(
+        "class Wide(TorchBatchProcessor):\n    def __init__(self, context):\n        pass\n"
+        "    def process_batch(self, batch, batch_idx):\n"
+        "        return {'vector': batch.float().unsqueeze(1).repeat(1, 64), 'text': ['<x>' * 40] * len(batch)}\n"
+    )
+    run = shell.run_line_magic("batchprocess", "Wide data --batch-size 8 --no-progress")
+    page = run._repr_html_()
+    assert page.count("…") == 10  # 5 rows x 2 long columns
+    assert "&lt;x&gt;" in page and "<x>" not in page
+    assert len(run.outputs().fetchall()[0][-1]) == 120, "only the preview is clipped"

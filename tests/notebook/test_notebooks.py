@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pathlib
 import queue
+import re
 import shutil
 import time
 from typing import Any
@@ -161,6 +162,9 @@ def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.P
             reply = kc.get_shell_msg(timeout=60)
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         assert "resume with run_name='interrupted'" in reply["content"]["evalue"]
+        shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(reply["content"]["traceback"]))
+        assert "%batchprocess: to resume (committed batches are kept), run the same line again" in shown, shown
+        assert "_api.py" not in shown and "local.py" not in shown, "the launcher's frames are left out"
         printed = _printed(_run_cell(kc, "print(_run.status, _run.counts['committed_batches'])"))
         status, committed = printed.split()
         assert status == "preempted" and 4 <= int(committed) < 100, printed

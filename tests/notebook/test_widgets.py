@@ -34,12 +34,13 @@ class Display:
 
 
 def snap(done: int, status: str = "running", errors: tuple[str, ...] = (), **kw: Any) -> ProgressSnapshot:
-    fields: dict[str, Any] = dict(
-        run_name="demo <run>", run_id="r1", status=status, total_batches=10, done_batches=done,
-        committed_batches=done // 2 * 2, failed_batches=len(errors), rows=done * 8, elapsed=4.0, rate=16.0,
-        eta=(10 - done) * 0.5, workers=(WorkerProgress(0, done // 2, 5, 0, status), WorkerProgress(1, done - done // 2, 5, len(errors), status)),
-        metrics={"loss": 0.123456, "<tag>": "x"}, errors=errors,
-    )
+    fields: dict[str, Any] = {
+        "run_name": "demo <run>", "run_id": "r1", "status": status, "total_batches": 10, "done_batches": done,
+        "committed_batches": done // 2 * 2, "failed_batches": len(errors), "rows": done * 8, "elapsed": 4.0,
+        "rate": 16.0, "eta": (10 - done) * 0.5,
+        "workers": (WorkerProgress(0, done // 2, 5, 0, status), WorkerProgress(1, done - done // 2, 5, len(errors), status)),
+        "metrics": {"loss": 0.123456, "<tag>": "x"}, "errors": errors,
+    }
     fields.update(kw)
     return ProgressSnapshot(**fields)
 

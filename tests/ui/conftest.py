@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,22 +101,53 @@ def serve_dashboard() -> Callable[[str], str]:
     return start
 
 
+def cli_run_args(store: str, name: str, n: int, *extra: str) -> list[str]:
+    """``python -m nbbatch run slow_run.py:Slow --dataset slow_run.py:numbers ...``: a run with launch info."""
+    return [sys.executable, "-m", "nbbatch", "run", f"{SLOW_RUN}:Slow", "--dataset", f"{SLOW_RUN}:numbers",
+            "--dataset-arg", f"n={n}", "--batch-size", "4", "--checkpoint-interval", "2", "--processes", "2",
+            "--on-error", "skip", "--max-failures", "5", "--name", name, "--store", store, "--no-progress", *extra]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
-def start_run(tmp_path: pathlib.Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Start `scripts/slow_run.py` in a subprocess; every one still running is killed at teardown."""
+def spawn(tmp_path: pathlib.Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start a command in a subprocess (output to a log in tmp_path); every one still running is killed at teardown."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(store: str, name: str, *args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, str(SLOW_RUN), store, name, *args], cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def start(args: list[str], sleep: float = 0.1) -> subprocess.Popen[str]:
+        log_path = tmp_path / f"proc{len(procs)}.log"
+        env = {**os.environ, "NBBATCH_UI_SLEEP": str(sleep), "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the run
+            proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+                                    start_new_session=True)
+        proc.log_path = str(log_path)  # type: ignore[attr-defined]
         procs.append(proc)
         return proc
 
     yield start
     for proc in procs:
         if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers
+        proc.wait(timeout=30)
+
+
+def output(proc: subprocess.Popen[str]) -> str:
+    return pathlib.Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def start_run(spawn: Callable[..., subprocess.Popen[str]]) -> Callable[..., subprocess.Popen[str]]:
+    """Start `scripts/slow_run.py STORE NAME ARGS` (a run without launch info) in a subprocess."""
+
+    def start(store: str, name: str, *args: str) -> subprocess.Popen[str]:
+        return spawn([sys.executable, str(SLOW_RUN), store, name, *args])
+
+    return start
 
 
 def poll(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:

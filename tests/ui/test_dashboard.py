@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 import pytest
-from conftest import poll
+from conftest import cli_run_args, output, poll
 
 from nbbatch._errors import RunNotFound, StoreError
 from nbbatch._store import reader
@@ -77,7 +77,7 @@ def test_live_progress_then_reduced_metrics_errors_and_outputs(
          f"progress to advance while running (seen {seen})")
     page.get_by_text("Throughput").first.wait_for()
     poll(lambda: status_of(page) == "done", 120, "the run to finish")
-    assert proc.wait(timeout=60) == 0, proc.stdout.read() if proc.stdout else ""
+    assert proc.wait(timeout=60) == 0, output(proc)
 
     # 160 samples in 40 batches of 4; the batch holding sample 10 (samples 8..11) fails and is skipped.
     poll(lambda: "100%" in page.locator(".nbb-runs").inner_text(), 30, "the runs table at 100%")
@@ -108,7 +108,7 @@ def test_live_progress_then_reduced_metrics_errors_and_outputs(
 
 @pytest.mark.timeout(300)
 def test_stop_preempts_and_resume_finishes_exactly_once(
-    tmp_path: pathlib.Path, page: Any, serve_dashboard: Any, start_run: Any, docs_dir: pathlib.Path
+    tmp_path: pathlib.Path, page: Any, serve_dashboard: Any, start_run: Any, spawn: Any, docs_dir: pathlib.Path
 ) -> None:
     store = tmp_path / "ui.duckdb"
     url = serve_dashboard(str(store))
@@ -130,16 +130,17 @@ def test_stop_preempts_and_resume_finishes_exactly_once(
     s = summary(store, "from-notebook")
     assert s is not None and 0 < s["committed_batches"] < 200, s
 
-    # A run with CLI launch info: Stop, then Resume runs `nbbatch resume` until every sample is stored once.
-    cli = start_run(str(store), "from-cli", "--n", "240", "--sleep", "0.15", "--launch")
+    # A run the CLI started (launch info recorded): Stop, then Resume runs `nbbatch resume` to the end.
+    cli = spawn(cli_run_args(str(store), "from-cli", 240), sleep=0.15)
     poll(lambda: (summary(store, "from-cli") or {}).get("status") == "running", 90, "the second run to start")
     select_run(page, "from-cli")
     poll(lambda: (percent(page) or 0) > 0, 90, "the second run to make progress")
     page.get_by_role("button", name="Stop").click()
     poll(lambda: status_of(page) == "preempted", 120, "the second run to stop")
-    cli.wait(timeout=60)
+    assert cli.wait(timeout=60) == 143, output(cli)  # the CLI's exit code for a stopped run
     before = summary(store, "from-cli")
     assert before is not None and before["committed_batches"] < 60, before
+    assert str(before["launch"]["target"]).endswith("slow_run.py:Slow"), before["launch"]
     resume = page.get_by_role("button", name="Resume")
     poll(lambda: resume.is_enabled(), 30, "Resume to be enabled")
     docs_dir.mkdir(exist_ok=True)

@@ -20,7 +20,7 @@ from nbbatch._ui.dashboard import control, queries, views
 pytestmark = pytest.mark.timeout(60)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-import dashboard_queries as bench  # noqa: E402
+import dashboard_queries as bench
 
 ROWS = 5000  # 79 batches of 64
 
@@ -191,3 +191,70 @@ def test_outputs_pages_skip_gaps_left_by_skipped_batches(tmp_path: pathlib.Path)
         total, _, rows = queries.outputs_page(cursor, bench.RUN_ID, 1, page_size=20)
     assert total == 636
     assert [r[4] for r in rows] == list(range(24, 44))
+
+
+SLOW_RUN = pathlib.Path(__file__).resolve().parents[1] / "ui" / "scripts" / "slow_run.py"
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A store written by a real run: 24 samples, batches of 4, 2 workers, the batch with sample 10 skipped."""
+    import subprocess
+
+    tmp = tmp_path_factory.mktemp("real")
+    path = str(tmp / "real.duckdb")
+    done = subprocess.run([sys.executable, str(SLOW_RUN), path, "real", "--n", "24", "--sleep", "0", "--fail-at", "10"],
+                          cwd=tmp, capture_output=True, text=True, timeout=150, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_queries_on_a_store_a_real_run_wrote(real_store: str) -> None:
+    with open_store(real_store, write=False) as con:
+        (row,) = queries.runs(con, time.time())
+        detail = queries.run_detail(con, row["run_id"])
+        workers = queries.workers(con, row["run_id"], int(detail["attempt"]))
+        total_errors, errors = queries.errors(con, row["run_id"])
+        total, columns, rows = queries.outputs_page(con, row["run_id"], 0, page_size=15)
+        _, _, rest = queries.outputs_page(con, row["run_id"], 1, page_size=15)
+        metrics = queries.metric_series(con, row["run_id"])
+        throughput = queries.throughput(con, row["run_id"])
+    assert row["name"] == "real" and row["status"] == "done" and row["workers"] == 2
+    assert row["progress"] == 100.0 and row["done_batches"] == 5 and row["failed_batches"] == 1
+    assert row["total_batches"] == 6 and row["rows"] == 20 and row["errors"] == 1 and row["eta_s"] == 0.0
+    assert row["duration_s"] is not None and row["duration_s"] > 0 and row["launch"] is None
+    assert detail["reduced_metrics"] == {"total": sum(range(24)) - (8 + 9 + 10 + 11)}
+    assert detail["config"]["batch_size"] == 4 and detail["processor"] == "slow_run.Slow"
+    assert [w["rank"] for w in workers] == [0, 1] and {w["status"] for w in workers} == {"done"}
+    assert sum(w["rows"] for w in workers) == 20 and sum(w["failed"] for w in workers) == 1
+    assert total_errors == 1 and errors[0]["exc_type"] == "ValueError" and list(errors[0]["indices"]) == [8, 9, 10, 11]
+    assert "Traceback (most recent call last)" in errors[0]["traceback"] and not errors[0]["fatal"]
+    assert total == 20 and columns[:5] == ["run_id", "rank", "batch_idx", "global_batch", "sample_index"]
+    assert "y" in columns and "embedding" in columns
+    assert [r[4] for r in rows + rest] == [*range(8), *range(12, 24)]  # each sample once, in order, the gap skipped
+    assert [r[columns.index("y")] for r in rows[:3]] == [0, 2, 4]
+    assert list(metrics) == ["inference/loss"] and len(metrics["inference/loss"]) == 5
+    assert metrics["inference/loss"][0] == (0.0, 1.0)  # global_batch 0 reported 1 / (1 + sample 0)
+    assert all(p["rate"] >= 0 for p in throughput)
+
+
+def test_dashboard_object_for_a_notebook(store: str) -> None:
+    import panel as pn
+
+    import nbbatch
+
+    board = nbbatch.dashboard(store, run="run1", refresh_ms=60_000)
+    assert isinstance(board, pn.Column)
+    state = board._nbbatch_dashboard
+    assert "run1" in state.run_title.object and "run0" in state.runs_pane.object
+    assert hasattr(board, "_repr_mimebundle_")  # Jupyter displays it inline
+
+
+def test_import_nbbatch_does_not_load_panel() -> None:
+    import subprocess
+
+    code = "import sys, nbbatch; print('panel' in sys.modules, 'bokeh' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -61,7 +61,7 @@ def _free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
-def serve(store: str, port: int = 5006, address: str = "127.0.0.1", show: bool = False, threaded: bool = False) -> Any:
+def serve(store: str, port: int = 0, address: str = "127.0.0.1", show: bool = False, threaded: bool = False) -> Any:
     """Serve the dashboard of ``store`` at ``http://ADDRESS:PORT/``.
 
     Args:
@@ -85,12 +85,18 @@ def serve(store: str, port: int = 5006, address: str = "127.0.0.1", show: bool =
     from nbbatch._ui.dashboard.app import build
 
     path = os.path.abspath(store)
-    port = port or _free_port(address)
-    hosts = {address, "127.0.0.1", "localhost"} if address in ("127.0.0.1", "localhost") else {address}
+    if not port:
+        port = _free_port(address)
+        log.info("nbbatch: dashboard at http://%s:%d", address, port)  # the caller could not know it
+    if address in ("0.0.0.0", "::", ""):
+        origins = ["*"]  # every interface: the browser may use any of this machine's names
+    else:
+        hosts = {address, "127.0.0.1", "localhost"} if address in ("127.0.0.1", "localhost") else {address}
+        origins = [f"{host}:{port}" for host in sorted(hosts)]
     log.debug("serving the nbbatch dashboard of %s at http://%s:%d", path, address, port)
     server = pn.serve(  # type: ignore[no-untyped-call]
         {"/": lambda: build(path)}, port=port, address=address, show=show, threaded=threaded, title="nbbatch",
-        websocket_origin=[f"{host}:{port}" for host in sorted(hosts)], verbose=False,
+        websocket_origin=origins, verbose=False,
     )
     if threaded:
         server.port = port

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import duckdb
 import panel as pn
-from bokeh.models import ColumnDataSource, HoverTool
+from bokeh.models import ColumnDataSource, DatetimeTickFormatter, HoverTool
 from bokeh.plotting import figure
 
 from nbbatch._errors import NbbatchError
@@ -44,6 +44,12 @@ def _plot(
     fig.line("x", "y", source=source, line_width=2)
     fig.scatter("x", "y", source=source, size=3)
     fig.xaxis.axis_label, fig.yaxis.axis_label = x_label, y_label
+    if x_axis_type == "datetime":  # clock times at every zoom; Bokeh's default shows "200ms" on short runs
+        clock = "%H:%M:%S"
+        fig.xaxis.formatter = DatetimeTickFormatter(
+            milliseconds=clock + ".%3N", seconds=clock, minsec=clock, minutes=clock, hourmin="%H:%M", hours="%H:%M",
+            context=None,
+        )
     fig.add_tools(HoverTool(tooltips=[(x_label or "x", "@x{0,0}" if x_axis_type == "linear" else "@x{%T}"),
                                       (y_label or "y", "@y{0,0.000}")],
                             formatters={"@x": "datetime"} if x_axis_type == "datetime" else {}))
@@ -102,7 +108,7 @@ class Dashboard:
         self.prev_button.on_click(lambda event: self._turn(-1))
         self.next_button.on_click(lambda event: self._turn(+1))
 
-        card = dict(sizing_mode="stretch_width", collapsible=True, margin=(5, 5))
+        card = {"sizing_mode": "stretch_width", "collapsible": True, "margin": (5, 5)}
         self.layout = pn.Column(
             self.header, self.status_line,
             pn.Card(self.runs_pane, title="Runs", **card),
@@ -129,7 +135,9 @@ class Dashboard:
         """Read what is on screen in one short read-only visit to the store, then update widgets."""
         try:
             data = self._read()
-        except (StoreOpenError, NbbatchError, duckdb.Error) as exc:
+        except Exception as exc:  # a refresh never raises: keep the last data and say why
+            if not isinstance(exc, (StoreOpenError, NbbatchError, duckdb.Error)):
+                log.debug("dashboard refresh failed", exc_info=True)
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             since = ""
             if self.last_ok is not None:
@@ -139,7 +147,10 @@ class Dashboard:
             return
         self.last_ok = time.time()
         self.refreshes += 1
-        self._apply(data)
+        try:
+            self._apply(data)
+        except Exception:  # a bad value must not end the session's refresh loop
+            log.warning("the nbbatch dashboard could not show the latest data", exc_info=True)
 
     def _read(self) -> dict[str, Any]:
         data: dict[str, Any] = {}

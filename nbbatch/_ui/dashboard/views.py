@@ -47,6 +47,11 @@ def _time(value: Any) -> str:
     return _e(value)
 
 
+def _clock(value: Any) -> str:
+    """Time of day only, where the date is in the runs table already."""
+    return value.strftime("%H:%M:%S") if isinstance(value, dt.datetime) else _e(value)
+
+
 def _rate(value: float | None) -> str:
     return "–" if value is None else (f"{value:,.1f}" if value < 100 else f"{value:,.0f}")
 
@@ -79,9 +84,9 @@ def runs_html(runs: list[dict[str, Any]], selected: str | None) -> str:
         eta = "–" if r["eta_s"] is None else format_duration(r["eta_s"])
         rows.append([
             f"<b>{_e(r['name'])}</b>", status_badge(r["status"]),
-            f"{_bar(r['progress'])} {r['progress']:.0f}% <span class='nbb-muted'>"
-            f"({r['done_batches']}/{r['total_batches']}{f', {failed} failed' if (failed := r['failed_batches']) else ''})"
-            f"</span>",
+            (f"{_bar(r['progress'])} {r['progress']:.0f}% <span class='nbb-muted'>"
+             f"({r['done_batches']}/{r['total_batches']}{f', {failed} failed' if (failed := r['failed_batches']) else ''})"
+             f"</span>"),
             _rate(r["items_per_s"]), eta, _time(r["started_at"]),
             "–" if r["duration_s"] is None else format_duration(r["duration_s"]),
             _e(r["workers"]), _e(r["errors"]),
@@ -102,9 +107,9 @@ def workers_html(workers: list[dict[str, Any]], attempt: int | None) -> str:
         percent = 100.0 if total == 0 else 100.0 * done / total
         rows.append([
             _e(w["rank"]), status_badge(str(w["status"])), f"{_bar(percent)} {done}/{total}", _e(w["rows"]),
-            _e(w["failed"]), _e("–" if w["current_batch"] is None else w["current_batch"]), _time(w["updated_at"]),
+            _e(w["failed"]), _e("–" if w["current_batch"] is None else w["current_batch"]), _clock(w["updated_at"]),
         ])
-    headers = ["rank", "status", "batches", "rows", "failed", "current global_batch", "updated"]
+    headers = ["rank", "status", "batches", "rows", "failed", "current global_batch", "updated (UTC)"]
     note = f'<p class="nbb-muted">attempt {_e(attempt)}</p>'
     return STYLE + _table(headers, rows, "nbb-workers") + note
 

@@ -1,9 +1,9 @@
-"""A slow run for the dashboard tests: ``python slow_run.py STORE NAME [--n N] [--sleep S] [--fail-at I] [--launch]``.
+"""A slow run for the dashboard tests: ``python slow_run.py STORE NAME [--n N] [--sleep S] [--fail-at I]``.
 
 `Slow` sleeps per batch, reports a per-batch metric, sums samples in a reducer and fails on the
-batch holding ``--fail-at`` (skipped with ``on_error="skip"``). With ``--launch`` the run records
-``{"target": "<this file>:Slow", "dataset": "<this file>:numbers", ...}`` as the CLI does, so the
-dashboard's Resume button (``nbbatch resume``) can re-create it.
+batch holding ``--fail-at`` (skipped with ``on_error="skip"``). Started this way the run has no
+launch info (like a notebook's); the tests start the same class through the CLI
+(``python -m nbbatch run slow_run.py:Slow --dataset slow_run.py:numbers``) to get a resumable one.
 """
 
 from __future__ import annotations
@@ -50,24 +50,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.1)
     parser.add_argument("--fail-at", type=int, default=-1)
-    parser.add_argument("--launch", action="store_true")
     args = parser.parse_args()
     os.environ["NBBATCH_UI_SLEEP"] = str(args.sleep)
     os.environ["NBBATCH_UI_FAIL_AT"] = str(args.fail_at)
-    here = os.path.abspath(__file__)
-    launch = None
-    if args.launch:
-        launch = {"target": f"{here}:Slow", "dataset": f"{here}:numbers", "dataset_args": {"n": args.n},
-                  "cwd": os.path.dirname(os.path.abspath(args.store))}
-    # The class as `nbbatch resume` will load it (module `slow_run`), so the fingerprint's processor
-    # name matches on resume; shipped by value like the CLI does.
+    # The class under its module name (`slow_run.Slow`, not `__main__.Slow`), shipped by value as
+    # the CLI ships classes from files.
     import cloudpickle
     import slow_run
 
     cloudpickle.register_pickle_by_value(slow_run)
     run = torch_batch_process(
         slow_run.Slow, numbers(args.n), batch_size=args.batch_size, checkpoint_interval=2, num_processes=2,
-        store=args.store, run_name=args.name, on_error="skip", max_failures=5, progress=False, launch=launch,
+        store=args.store, run_name=args.name, on_error="skip", max_failures=5, progress=False,
     )
     print(f"{run.name} {run.status}", flush=True)
     sys.exit(0 if run.status == "done" else 3)
