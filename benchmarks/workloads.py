@@ -4,7 +4,8 @@ Prints one JSON line: the in-process seconds of the work (model built, data proc
 written) and the number of items. ``run_all.py`` times the whole process around it.
 
 Workloads: ``resnet`` (resnet18 on 32x32 images), ``linear`` (Linear(16, 8), every output row
-stored), ``noop`` (a processor that does nothing). Variants: ``loop`` (a plain PyTorch loop
+stored), ``embed`` (Linear(16, 512), every 512-float vector stored, as embedding jobs do), ``noop``
+(a processor that does nothing). Variants: ``loop`` (a plain PyTorch loop
 writing Parquet) and ``nbbatch`` (torch_batch_process with N workers, outputs to DuckDB).
 """
 
@@ -33,6 +34,10 @@ import torchvision  # noqa: E402
 
 
 
+#: Output width of the Linear workloads.
+WIDTH = {"linear": 8, "embed": 512}
+
+
 class Tensors(torch.utils.data.Dataset):
     """Pre-generated samples, so both variants read the same in-memory data."""
 
@@ -50,7 +55,7 @@ def make_model(workload: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if workload == "resnet":
         return torchvision.models.resnet18(weights=None, num_classes=10)
-    return torch.nn.Linear(16, 8)
+    return torch.nn.Linear(16, WIDTH.get(workload, 8))
 
 
 def make_data(workload: str, n: int) -> Tensors:
@@ -74,8 +79,9 @@ def loop(workload: str, data: Tensors, batch_size: int, out_dir: str) -> float:
             if workload == "resnet":
                 table = pa.table({"sample_index": range(rows, rows + len(batch)), "prediction": out.argmax(1).numpy()})
             else:
+                width = WIDTH[workload]
                 table = pa.table({"sample_index": range(rows, rows + len(batch)),
-                                  "y": pa.FixedSizeListArray.from_arrays(pa.array(out.numpy().reshape(-1)), 8)})
+                                  "y": pa.FixedSizeListArray.from_arrays(pa.array(out.numpy().reshape(-1)), width)})
             writer = writer or pq.ParquetWriter(os.path.join(out_dir, "out.parquet"), table.schema)
             writer.write_table(table)
             rows += len(batch)

@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "InvalidArgument": "nbbatch._errors",
     "InvalidDataset": "nbbatch._errors",
+    "InvalidRunName": "nbbatch._errors",
     "MetricReducer": "nbbatch._processor",
     "NbbatchError": "nbbatch._errors",
     "ResumeMismatch": "nbbatch._errors",
@@ -27,8 +28,10 @@ _EXPORTS = {
     "RunConfig": "nbbatch._api",
     "RunFailed": "nbbatch._errors",
     "RunNotFound": "nbbatch._errors",
+    "Status": "nbbatch._events",
     "StoreBusy": "nbbatch._errors",
     "StoreError": "nbbatch._errors",
+    "TableDataset": "nbbatch._table",
     "TorchBatchProcessor": "nbbatch._processor",
     "TorchBatchProcessorContext": "nbbatch._processor",
     "WorkerDied": "nbbatch._errors",
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from nbbatch._errors import (
         InvalidArgument,
         InvalidDataset,
+        InvalidRunName,
         NbbatchError,
         ResumeMismatch,
         RunFailed,
@@ -55,8 +59,10 @@ if TYPE_CHECKING:  # pragma: no cover
         WorkerDied,
         WorkerFailed,
     )
+    from nbbatch._events import Status
     from nbbatch._processor import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext
     from nbbatch._run import Run, list_runs, open_run
+    from nbbatch._table import TableDataset
     from nbbatch._ui.dashboard import dashboard
 
 

@@ -27,7 +27,9 @@ from nbbatch._plan import make_sharding
 from nbbatch._progress import NullReporter, Reporter, terminal_reporter
 from nbbatch._run import Run, default_store
 from nbbatch._store.control import clear_stop
+from nbbatch._store.schema import check_run_name, outputs_folder
 from nbbatch._store.writer import RunSpec, StoreWriter
+from nbbatch._table import bind_inputs
 
 __all__ = ["RunConfig", "torch_batch_process"]
 
@@ -104,6 +106,24 @@ def _positive_int(name: str, value: Any, allow_none: bool = False, minimum: int 
     return value
 
 
+def _check_timeout(batch_timeout: Any) -> None:
+    """A finite positive number of seconds, or None; NaN would compare False and disable the timeout."""
+    if batch_timeout is None:
+        return
+    if isinstance(batch_timeout, bool) or not isinstance(batch_timeout, (int, float)) or not (
+        math.isfinite(batch_timeout) and batch_timeout > 0
+    ):
+        raise InvalidArgument(
+            f"`batch_timeout` must be a finite positive number of seconds, or None for no limit; got {batch_timeout!r}"
+        )
+
+
+def _check_trust(trust: Any) -> bool:
+    if not isinstance(trust, bool):
+        raise InvalidArgument(f"`trust` must be True or False, got {trust!r}")
+    return trust
+
+
 def _processor_name(cls: Any) -> str:
     module = getattr(cls, "__module__", None) or "?"
     qualname = getattr(cls, "__qualname__", None) or getattr(cls, "__name__", None) or repr(cls)
@@ -173,10 +193,9 @@ def _check(
     if on_error not in ("raise", "skip"):
         raise InvalidArgument(f"`on_error` must be \"raise\" or \"skip\", got {on_error!r}")
     _positive_int("max_failures", max_failures, allow_none=True, minimum=0)
-    if batch_timeout is not None and (not isinstance(batch_timeout, (int, float)) or batch_timeout <= 0):
-        raise InvalidArgument(f"`batch_timeout` must be a positive number of seconds or None, got {batch_timeout!r}")
-    if run_name is not None and (not isinstance(run_name, str) or not run_name.strip()):
-        raise InvalidArgument(f"`run_name` must be a non-empty string, got {run_name!r}")
+    _check_timeout(batch_timeout)
+    if run_name is not None:
+        check_run_name(run_name)
     store = os.path.abspath(os.fspath(store) if store is not None else default_store())
     if os.path.isdir(store):
         raise InvalidArgument(f"`store` must be a file path such as `{os.path.join(store, 'nbbatch.duckdb')}`, not a folder")
@@ -237,6 +256,7 @@ def torch_batch_process(
     progress: bool | Reporter = True,
     batch_timeout: float | None = None,
     launch: dict[str, Any] | None = None,
+    trust: bool = False,
 ) -> Run:
     """Run ``batch_processor_cls`` over ``dataset`` on worker processes; outputs go to DuckDB.
 
@@ -254,23 +274,29 @@ def torch_batch_process(
         distributed_context: Determined-only; must be None.
         num_processes: local worker processes (default: one per GPU, else 1).
         store: DuckDB file (default ``nbbatch.duckdb``, or ``$NBBATCH_STORE``).
-        run_name: name of the run; naming an unfinished run resumes it, a finished one is
-            returned as is.
+        run_name: name of the run (letters, digits and ``._-``, not starting with ``-`` or
+            ``.``); naming an unfinished run resumes it, a finished one is returned as is.
         on_error: ``"raise"`` stops the run at the first exception; ``"skip"`` records and skips.
         max_failures: with ``"skip"``, fail the run once more batches than this failed.
         progress: True for a widget in Jupyter / a bar in a terminal / lines in logs, False for
             none, or a `Reporter`.
-        batch_timeout: fail the run if one ``process_batch`` call runs longer (seconds).
+        batch_timeout: fail the run if one ``process_batch`` call runs longer (finite seconds > 0).
         launch: how to re-create the processor and dataset (set by the CLI, for resume buttons).
+        trust: resume ``run_name`` even if its stored records (launch info, reducer states) are
+            not signed by this user, and sign them; only after `nbbatch show RUN` showed what
+            they run. Without it such a resume raises `StoreError` (see README "Security").
 
     Returns:
         The `Run` handle (``status`` is ``done``, or ``preempted`` after `Run.stop`).
 
     Raises:
-        InvalidArgument: a bad argument (Determined's messages where Determined checks).
+        InvalidArgument: a bad argument (Determined's messages where Determined checks);
+            `InvalidRunName` for a ``run_name`` outside the rule above.
         WorkerFailed: a worker raised (or died); carries rank, batch_idx, indices, traceback.
         ResumeMismatch: ``run_name`` exists with another fingerprint.
         StoreBusy: another live run writes the same store.
+        StoreError: resuming ``run_name`` meets records this user did not sign; the message says
+            how to check and trust them.
         KeyboardInterrupt: after Ctrl-C, once the run committed and was marked preempted.
 
     Example:
@@ -295,6 +321,7 @@ def torch_batch_process(
         num_processes, None if store is None else os.fspath(store), run_name, on_error, max_failures,
         batch_timeout, launch, env.world_size if env is not None else None,
     )
+    dataset, inputs = bind_inputs(dataset, config.store, n)  # a TableDataset's rows, fixed for the whole run
     user = _pickle_user_code(batch_processor_cls, dataset, config.dataloader_kwargs)
     fresh = make_sharding(n, config.batch_size, config.num_processes, iterate_length=iterate_length,
                           drop_last=config.drop_last)
@@ -303,8 +330,8 @@ def torch_batch_process(
         batch_size=config.batch_size, max_batches=config.max_batches, checkpoint_interval=config.checkpoint_interval,
         world_size=config.num_processes, planned_batches=fresh.planned_batches, real_batches=fresh.real_batches,
         on_error=config.on_error, max_failures=config.max_failures,
-        output_root=os.path.join(os.path.dirname(config.store), os.path.splitext(os.path.basename(config.store))[0] + "_outputs"),
-        launch=config.launch, config=config.describe(),
+        output_root=outputs_folder(config.store),
+        launch=config.launch, config=config.describe(), trust=_check_trust(trust), inputs=inputs,
     )
     if env is not None:
         run: Run = torchrun.run(config, spec, user, fresh, _reporter(progress), env)

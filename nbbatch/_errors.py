@@ -4,11 +4,13 @@
 
     NbbatchError
     ├── InvalidArgument (also ValueError)   bad argument; Determined's texts kept verbatim
+    │   └── InvalidRunName                  a run name outside letters, digits and ``._-``
     ├── InvalidDataset (TypeError, ValueError) dataset without ``__len__`` and similar
     ├── WorkerFailed                        a worker raised or died; carries rank, batch, traceback
     │   └── WorkerDied                      killed by a signal, OOM, or exited without a word
     ├── RunFailed                           the run failed for a reason not tied to one batch
     ├── StoreError                          the DuckDB store cannot be used (busy, corrupt, read-only)
+    │                                       or a resume meets records this user did not sign
     │   └── StoreBusy                       another live run holds the store
     ├── ResumeMismatch (also ValueError)    a resumed run's fingerprint differs; names the field
     └── RunNotFound (also KeyError)         no run with that name or id in the store
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 __all__ = [
     "InvalidArgument",
     "InvalidDataset",
+    "InvalidRunName",
     "NbbatchError",
     "ResumeMismatch",
     "RunFailed",
@@ -38,6 +41,10 @@ class NbbatchError(Exception):
 
 class InvalidArgument(NbbatchError, ValueError):
     """An argument of `torch_batch_process` (or the magic/CLI) is invalid."""
+
+
+class InvalidRunName(InvalidArgument):
+    """A run name is not letters, digits and ``._-`` (or starts with ``-`` or ``.``); the message gives the rule."""
 
 
 class InvalidDataset(NbbatchError, TypeError, ValueError):

@@ -6,6 +6,8 @@ memory and is ~27x slower). Must not import torch, duckdb or other nbbatch modul
 
 from __future__ import annotations
 
+import enum
+import sys
 from dataclasses import dataclass, field
 from typing import Any, NewType, Union
 
@@ -18,11 +20,54 @@ __all__ = [
     "MetricRecord",
     "Reduced",
     "RunId",
+    "SegmentWritten",
+    "Status",
     "WorkerFinished",
     "WorkerReady",
 ]
 
 RunId = NewType("RunId", str)
+
+if sys.version_info >= (3, 11):
+    _StrEnum = enum.StrEnum
+else:  # pragma: no cover - Python 3.10
+
+    class _StrEnum(str, enum.Enum):
+        """`enum.StrEnum` of Python 3.11: members print and format as their value."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, spec: str) -> str:
+            return str(self.value).__format__(spec)
+
+        def __hash__(self) -> int:  # as a str, so `"done" in {Status.DONE}` holds
+            return str.__hash__(self)
+
+
+class Status(_StrEnum):
+    """A run's status (`Run.status`), stored as its plain string value.
+
+    Members are strings, so ``run.status == "done"`` holds and the value prints as ``done``.
+    ``interrupted`` is never written by a live run: readers report it for a run whose row says
+    ``running`` while no process holds the store's writer lock (its launcher was SIGKILLed, OOM
+    killed, or its kernel died), and the next writer of the store records it.
+
+    Example:
+        >>> Status("done") is Status.DONE and Status.DONE == "done"
+        True
+    """
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def resumable(self) -> bool:
+        """Whether naming the run resumes it (failed, preempted or interrupted)."""
+        return self in (Status.FAILED, Status.PREEMPTED, Status.INTERRUPTED)
 
 
 @dataclass(frozen=True)
@@ -95,7 +140,8 @@ class BatchFailed:
 class CheckpointDone:
     """All workers passed checkpoint ``step``; everything this rank sent before is committable.
 
-    ``reducer_states`` holds one pickled ``per_slot_reduce()`` value per wrapped reducer.
+    ``reducer_states`` holds one ``per_slot_reduce()`` value per wrapped reducer, as
+    ``_worker.state.dump_state`` bytes (JSON when plain data, else a pickle).
     ``stop`` tells whether the workers agreed to stop here (preemption).
     """
 
@@ -105,6 +151,25 @@ class CheckpointDone:
     metrics: tuple[MetricRecord, ...] = ()
     stop: bool = False
     failed: bool = False
+    segment: bool = False  # this rank's outputs of the step are in a segment: a `SegmentWritten` follows
+
+
+@dataclass(frozen=True)
+class SegmentWritten:
+    """A worker wrote its outputs of checkpoint ``step`` as one Parquet segment (``_rows.segment_name``).
+
+    The step is committed, with this manifest, only once this arrived; ``schema`` is the Arrow
+    schema (IPC bytes) from which the store takes the columns' DuckDB types.
+    """
+
+    rank: int
+    step: int
+    file: str
+    rows: int
+    nbytes: int
+    checksum: str
+    global_batches: tuple[int, ...]
+    schema: bytes
 
 
 @dataclass(frozen=True)
@@ -124,4 +189,6 @@ class WorkerFinished:
     used_upload_path: bool = False
 
 
-Event = Union[WorkerReady, BatchStarted, BatchDone, BatchFailed, CheckpointDone, Reduced, WorkerFinished]
+Event = Union[
+    WorkerReady, BatchStarted, BatchDone, BatchFailed, CheckpointDone, SegmentWritten, Reduced, WorkerFinished
+]

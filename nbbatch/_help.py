@@ -13,7 +13,11 @@ OPTION_HELP: dict[str, str] = {
     "checkpoint_interval": "Commit every this many batches per worker.",
     "num_processes": "Local worker processes (default: one per GPU, else 1; leave unset under torchrun).",
     "store": "DuckDB store file (default: $NBBATCH_STORE or ./nbbatch.duckdb).",
-    "run_name": "Run name; naming an unfinished run resumes it, a finished one is returned as is.",
+    "run_name": "Run name (letters, digits and ._-, not starting with - or .); naming an unfinished run resumes "
+                "it, a finished one is returned as is.",
     "on_error": "`raise`: stop at the first failing batch; `skip`: record it and go on.",
     "max_failures": "With on_error=skip: fail the run once more batches than this failed.",
+    "table": "Instead of a dataset: DuckDB SQL (\"SELECT ... ORDER BY id\", quoted) or a .parquet/.csv/.json path, "
+             "read as a TableDataset; batches are dicts of column -> tensor or list, and the run keeps the rows "
+             "(outputs(inputs=True), export --with-inputs).",
 }

@@ -57,6 +57,8 @@ class ProgressSnapshot:
     workers: tuple[WorkerProgress, ...] = ()
     metrics: dict[str, Any] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    activity: str = ""
+    """What the run waits for, set by the launcher (e.g. ``starting 2 workers``); empty once they run."""
 
     @property
     def fraction(self) -> float:
@@ -150,9 +152,11 @@ class TqdmReporter:
     def update(self, snapshot: ProgressSnapshot) -> None:
         from tqdm.auto import tqdm
 
+        desc = f"{snapshot.run_name} ({snapshot.activity})" if snapshot.activity else snapshot.run_name
         if self.bar is None:
-            self.bar = tqdm(total=snapshot.total_batches, desc=snapshot.run_name, unit="batch", file=self.file,
+            self.bar = tqdm(total=snapshot.total_batches, desc=desc, unit="batch", file=self.file,
                             initial=snapshot.done_batches, dynamic_ncols=True)
+        self.bar.set_description(desc, refresh=False)
         self.bar.n = snapshot.done_batches
         postfix = {"samples/s": f"{snapshot.rate:.0f}" if snapshot.rate else "?"}
         if snapshot.failed_batches:
@@ -180,6 +184,7 @@ class PlainReporter:
         return (
             f"nbbatch {s.run_name}: {s.status} {s.done_batches}/{s.total_batches} batches "
             f"({100 * s.fraction:.0f}%), {rate}, eta {format_duration(s.eta)}, failed {s.failed_batches}"
+            + (f", {s.activity}" if s.activity else "")
         )
 
     def _write(self, text: str) -> None:

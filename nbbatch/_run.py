@@ -14,6 +14,9 @@ from typing import Any
 
 import duckdb
 
+from nbbatch._errors import InvalidArgument
+from nbbatch._events import Status
+from nbbatch._store import inputs as store_inputs
 from nbbatch._store import reader
 from nbbatch._store.control import stop_file
 
@@ -68,9 +71,15 @@ class Run:
         return str(self._get("name"))
 
     @property
-    def status(self) -> str:
-        """``running``, ``done``, ``failed`` or ``preempted``."""
-        return str(self._get("status"))
+    def status(self) -> Status:
+        """``running``, ``done``, ``failed``, ``preempted`` or ``interrupted``, read fresh.
+
+        A `Status` is a ``str`` (``run.status == "done"`` holds). ``interrupted`` means the run's
+        launcher vanished without marking it (SIGKILL, the OOM killer, a dead kernel): the store
+        says ``running`` but no process holds its writer lock. Like ``failed`` and ``preempted``,
+        it resumes when its name is passed as ``run_name`` again.
+        """
+        return Status(self._get("status"))
 
     @property
     def counts(self) -> dict[str, int]:
@@ -108,9 +117,32 @@ class Run:
         return None if value is None else str(value)
 
     # -- queries --------------------------------------------------------------------------------
-    def outputs(self) -> duckdb.DuckDBPyRelation:
-        """Stored outputs, one row per sample, ordered by ``sample_index``."""
-        return reader.outputs_relation(reader.relation_cursor(self.store), self.id)
+    def outputs(self, inputs: bool = False) -> duckdb.DuckDBPyRelation:
+        """Stored outputs, one row per sample, ordered by ``sample_index``.
+
+        Args:
+            inputs: for a run over a `TableDataset`, join each output row to its input row:
+                ``sample_index``, the input columns, then the output columns. An input column
+                named like an output column (``run_id``, ``rank``, ``batch_idx``,
+                ``global_batch`` included) becomes ``input_<name>``.
+
+        Raises:
+            InvalidArgument: ``inputs=True`` for a run that did not start on a `TableDataset`.
+
+        Example:
+            >>> run.outputs(inputs=True).df()                       # doctest: +SKIP
+        """
+        con = reader.relation_cursor(self.store)
+        relation = reader.outputs_relation(con, self.id)
+        if not inputs:
+            return relation
+        joined = store_inputs.joined_sql(con, self.id, relation.sql_query(), list(relation.columns))
+        if joined is None:
+            raise InvalidArgument(
+                f"run {self.name!r} did not start on a TableDataset, so no input rows were kept to join; use "
+                f"`outputs()`, or start runs on `nbbatch.TableDataset(...)` to get inputs with outputs"
+            )
+        return con.sql(joined)
 
     def metrics(self) -> duckdb.DuckDBPyRelation:
         """``report_metrics`` values, one row per (batch, name)."""
@@ -126,9 +158,16 @@ class Run:
         return con.sql("SELECT * FROM batches WHERE run_id = $id ORDER BY global_batch", params={"id": self.id})
 
     def sql(self, query: str, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
-        """Run SQL on the store; ``outputs`` names this run's outputs table (as a view)."""
+        """Run SQL on the store; ``outputs`` names this run's outputs table (as a view).
+
+        For a run over a `TableDataset`, ``inputs`` names its input rows (``sample_index`` and the
+        input columns), so ``SELECT * FROM inputs JOIN outputs USING (sample_index)`` works.
+        """
         con = reader.relation_cursor(self.store)
         con.sql(f"CREATE OR REPLACE TEMP VIEW outputs AS SELECT * FROM ({reader.outputs_relation(con, self.id).sql_query()})")
+        rows = store_inputs.inputs_sql(con, self.id)
+        if rows is not None:
+            con.sql(f"CREATE OR REPLACE TEMP VIEW inputs AS {rows}")
         return con.sql(query, params=params)
 
     # -- control --------------------------------------------------------------------------------
@@ -138,10 +177,18 @@ class Run:
             handle.write(str(time.time()))
 
     def wait(self, timeout: float | None = None, poll: float = 0.5) -> Run:
-        """Block until the run leaves ``running`` (or ``timeout`` seconds pass).
+        """Block until the run leaves ``running`` (or ``timeout`` seconds pass); returns the run.
+
+        It returns for every other status, ``interrupted`` included: a run whose launcher was
+        killed is reported ``interrupted`` as soon as the process is gone, so ``wait()`` never
+        outlives its launcher by more than ``poll`` seconds. Check `status` afterwards; a run
+        that is not ``done`` resumes under its name.
 
         For a run started in the background by ``%batchprocess --background``, this joins it and
         raises its error (e.g. `WorkerFailed`), as a blocking call would have.
+
+        Raises:
+            TimeoutError: the run is still ``running`` after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._thread is not None:
@@ -151,7 +198,7 @@ class Run:
             if self._failure:
                 raise self._failure[0]
             return self
-        while self.status == "running":
+        while self.status is Status.RUNNING:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {self.name!r} still running after {timeout}s")
             time.sleep(poll)
@@ -178,7 +225,9 @@ class Run:
         started, ended = s.get("started_at"), s.get("finished_at") or s.get("updated_at")
         seconds = (ended - started).total_seconds() if started is not None and ended is not None else None
         rows = int(s["committed_rows"] or 0)
-        color = {"done": "#2e7d32", "failed": "#c62828", "preempted": "#ef6c00"}.get(str(s["status"]), "#1565c0")
+        color = {
+            Status.DONE: "#2e7d32", Status.FAILED: "#c62828", Status.PREEMPTED: "#ef6c00", Status.INTERRUPTED: "#6a1b9a",
+        }.get(s["status"], "#1565c0")
         fields = [
             ("batches", f"{s['committed_batches']}/{s['real_batches']} committed"),
             ("samples", f"{rows:,}"),

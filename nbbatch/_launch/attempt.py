@@ -22,5 +22,6 @@ def attempt_spec(config: Any, dataset_len: int, world_size: int, user: bytes, ru
         user=user, sharding=sharding, done=run.done, checkpoint_interval=config.checkpoint_interval,
         on_error=config.on_error, max_failures=config.max_failures, output_dir=run.output_dir,
         prior_reducer_states=run.reducer_states, run_id=run.run_id,
+        output_columns=run.output_columns, attempt=run.attempt,
     )
     return sharding, spec

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -29,8 +29,9 @@ from nbbatch._plan import Sharding
 from nbbatch._progress import Reporter
 from nbbatch._store.control import stop_file
 from nbbatch._store.writer import RunRecord, StoreWriter
-from nbbatch._launch.forkserver import context
+from nbbatch._launch.forkserver import context, ensure_started
 from nbbatch._launch.supervisor import Supervisor
+from nbbatch._launch.workers import WorkerProcess, kill_all, shut_down
 from nbbatch._worker.entry import worker_main
 from nbbatch._worker.loop import WorkerSpec
 
@@ -39,7 +40,6 @@ __all__ = ["Outcome", "default_threads", "launch_local"]
 logger = logging.getLogger("nbbatch")
 
 FLUSH_SECONDS = 0.5
-GRACE_SECONDS = 3.0
 
 
 @dataclass
@@ -147,46 +147,57 @@ def launch_local(
     payload = cloudpickle.dumps(spec)
     port = _free_port()
     threads = threads or default_threads(world)
-    procs: list[Any] = []
+    procs: list[WorkerProcess] = []
     conns: dict[Connection, int] = {}
     controls: list[Connection] = []
     sup = Supervisor(record, sharding)
     stop_path = stop_file(writer.path, record.run_id)
     signals = _Signals()
-    try:
-        for rank in range(world):
-            recv, send = ctx.Pipe(duplex=False)
-            ctrl_recv, ctrl_send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=worker_main,
-                args=(rank, world, payload, send, ctrl_recv, ("127.0.0.1", port), threads, dict(os.environ),
-                      os.getcwd(), list(sys.path)),
-                name=f"nbbatch-{record.name}-rank{rank}",
-            )
-            with _main_not_reimported():
-                proc.start()
-            send.close()
-            ctrl_recv.close()
-            procs.append(proc)
-            conns[recv] = rank
-            controls.append(ctrl_send)
-        if on_start is not None:
-            on_start([p.pid for p in procs])
-        with signals.installed():
-            return _watch(sup, procs, conns, controls, writer, reporter, signals, stop_path, batch_timeout)
-    finally:
-        _shutdown(procs, controls)
-        for conn in conns:
-            conn.close()
+    # Counted from here: a SIGTERM while workers start still ends the run preempted, not killed.
+    with signals.installed():
         try:
-            os.unlink(stop_path)
-        except FileNotFoundError:
-            pass
+            # The first start of a fresh interpreter waits for the forkserver to import torch (seconds).
+            reporter.update(sup.snapshot("running"))
+            ensure_started()
+            for rank in range(world):
+                procs.append(_start(ctx, rank, world, payload, port, threads, record.name, conns, controls))
+            if on_start is not None:
+                on_start([p.pid for p in procs])
+            return _watch(sup, procs, conns, controls, writer, reporter, signals, stop_path, batch_timeout)
+        finally:
+            for control in controls:
+                with suppress(OSError):
+                    control.close()  # end-of-file tells a worker still running to leave
+            shut_down(procs)
+            for conn in conns:
+                conn.close()
+            with suppress(FileNotFoundError):
+                os.unlink(stop_path)
+
+
+def _start(ctx: Any, rank: int, world: int, payload: bytes, port: int, threads: int, name: str,
+           conns: dict[Connection, int], controls: list[Connection]) -> WorkerProcess:
+    """Start worker ``rank`` with its event pipe (into ``conns``) and control pipe (into ``controls``)."""
+    recv, send = ctx.Pipe(duplex=False)
+    ctrl_recv, ctrl_send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=worker_main,
+        args=(rank, world, payload, send, ctrl_recv, ("127.0.0.1", port), threads, dict(os.environ),
+              os.getcwd(), list(sys.path)),
+        name=f"nbbatch-{name}-rank{rank}",
+    )
+    conns[recv] = rank
+    controls.append(ctrl_send)
+    with _main_not_reimported():
+        proc.start()
+    send.close()
+    ctrl_recv.close()
+    return WorkerProcess(proc)
 
 
 def _watch(
     sup: Supervisor,
-    procs: list[Any],
+    procs: list[WorkerProcess],
     conns: dict[Connection, int],
     controls: list[Connection],
     writer: StoreWriter,
@@ -197,7 +208,7 @@ def _watch(
 ) -> Outcome:
     record = sup.record
     open_conns = dict(conns)
-    exited: dict[int, int] = {}
+    exited: dict[int, int | None] = {}
     stop_sent = False
     next_flush = time.monotonic() + FLUSH_SECONDS
     error: BaseException | None = None
@@ -217,8 +228,7 @@ def _watch(
         for obj in ready:
             if obj in sentinels and sentinels[obj] not in exited:
                 rank = sentinels[obj]
-                procs[rank].join(0.5)
-                exited[rank] = procs[rank].exitcode if procs[rank].exitcode is not None else -9
+                exited[rank] = procs[rank].exitcode()
         # A worker that exited without a closing event died (signal, OOM killer, os._exit).
         for rank, code in exited.items():
             if rank not in sup.finished and sup.fatal is None and error is None:
@@ -255,7 +265,7 @@ def _watch(
                     rank=rank, batch_idx=k, global_batch=g, indices=sup.sharding.indices(g), run_name=record.name,
                 )
         if error is not None:
-            _terminate(procs)
+            kill_all(procs)
             break
         if not stop_sent and (signals.count or _exists(stop_path)):
             stop_sent = True
@@ -267,7 +277,7 @@ def _watch(
                     pass
         if signals.count >= 2:
             hard_stop = True
-            _terminate(procs)
+            kill_all(procs)
             break
         if len(exited) == len(procs) and not open_conns:
             break
@@ -277,7 +287,7 @@ def _watch(
                 writer.commit(record, sup.take_commit())
             except StoreError as exc:
                 error = exc
-                _terminate(procs)
+                kill_all(procs)
                 break
             reporter.update(sup.snapshot("running"))
     # Final flush: commit every complete step and the error rows.
@@ -305,12 +315,13 @@ def _watch(
     return Outcome(status, sup.reduced, error, interrupted, sup.used_upload_path)
 
 
-def _wait_for_death(procs: list[Any], exited: dict[int, int], sentinels: dict[Any, int], seconds: float) -> tuple[int, int] | None:
+def _wait_for_death(procs: list[WorkerProcess], exited: dict[int, int | None], sentinels: dict[Any, int],
+                    seconds: float) -> tuple[int, int] | None:
     """``(rank, exit code)`` of a worker killed by a signal within ``seconds``, if any."""
     deadline = time.monotonic() + seconds
     while True:
         for rank, proc in enumerate(procs):
-            code = proc.exitcode
+            code = proc.exitcode()
             if code is not None and code < 0:
                 exited[rank] = code
                 return rank, code
@@ -331,8 +342,10 @@ def _exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-def _died(rank: int, code: int, sup: Supervisor) -> WorkerDied:
-    if code < 0:
+def _died(rank: int, code: int | None, sup: Supervisor) -> WorkerDied:
+    if code is None:
+        how = "exited without reporting an error (exit code unknown: the forkserver that started it is gone)"
+    elif code < 0:
         try:
             how = f"was killed by {signal.Signals(-code).name}"
         except ValueError:
@@ -354,30 +367,5 @@ def _died(rank: int, code: int, sup: Supervisor) -> WorkerDied:
         indices=sup.sharding.indices(current[0]) if current else (),
         run_name=name,
     )
-
-
-def _terminate(procs: list[Any]) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    deadline = time.monotonic() + GRACE_SECONDS
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-
-
-def _shutdown(procs: list[Any], controls: list[Connection]) -> None:
-    for control in controls:
-        try:
-            control.close()
-        except OSError:
-            pass
-    deadline = time.monotonic() + GRACE_SECONDS
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    _terminate(procs)
 
 

@@ -22,6 +22,7 @@ from nbbatch._events import (
     Event,
     MetricRecord,
     Reduced,
+    SegmentWritten,
     WorkerFinished,
     WorkerReady,
 )
@@ -38,6 +39,8 @@ class _Share:
 
     batches: list[BatchDone] = field(default_factory=list)
     metrics: list[tuple[int, int | None, int | None, MetricRecord]] = field(default_factory=list)
+    awaits_segment: bool = False  # the worker writes this share's outputs as a segment
+    segment: SegmentWritten | None = None  # its manifest, once written: committed with the share
 
 
 @dataclass
@@ -113,9 +116,14 @@ class Supervisor:
         elif isinstance(event, CheckpointDone):
             share, self.shares[rank] = self.shares[rank], _Share()
             share.metrics.extend((rank, None, None, m) for m in event.metrics)
+            share.awaits_segment = event.segment
             self.ready.setdefault(event.step, {})[rank] = (share, event.reducer_states)
             self.too_many_failures |= event.failed
             self.stop_agreed |= event.stop
+        elif isinstance(event, SegmentWritten):
+            ready = self.ready.get(event.step, {}).get(rank)
+            if ready is not None:  # else its step was committed already: an orphan the next attempt deletes
+                ready[0].segment = event
         elif isinstance(event, Reduced):
             self.reduced = dict(event.metrics)
         elif isinstance(event, WorkerFinished):
@@ -136,8 +144,8 @@ class Supervisor:
         world = self.sharding.world_size
         for step in sorted(self.ready):
             shares = self.ready[step]
-            if len(shares) < world:
-                break
+            if len(shares) < world or any(s.awaits_segment and s.segment is None for s, _ in shares.values()):
+                break  # a step commits whole: every rank's share, and the segments holding its outputs
             del self.ready[step]
             for rank, (share, states) in sorted(shares.items()):
                 for b in share.batches:
@@ -147,6 +155,8 @@ class Supervisor:
                     commit.batches.append((b, self.sharding.indices(b.global_batch).start))
                 commit.metrics.extend(share.metrics)
                 commit.reducer_states[rank] = (step, states)
+                if share.segment is not None:
+                    commit.segments.append(share.segment)
         commit.metrics.extend(self.loose_metrics)
         self.loose_metrics = []
         commit.errors, self.errors = self.errors, []
@@ -209,4 +219,12 @@ class Supervisor:
             workers=tuple(WorkerProgress(w.rank, w.done, w.todo, w.failed, w.status) for w in self.workers),
             metrics=dict(self.last_metrics),
             errors=tuple(self.recent_errors),
+            activity=self._activity(status),
         )
+
+    def _activity(self, status: str) -> str:
+        """What a live display should say the run waits for: workers that have not started yet."""
+        starting = sum(1 for w in self.workers if w.status == "starting")
+        if status != "running" or not starting:
+            return ""
+        return f"starting {starting} worker{'s' if starting != 1 else ''}"

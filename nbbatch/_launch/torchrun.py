@@ -81,6 +81,7 @@ class _Start:
     output_dir: str
     done: frozenset[int]
     reducer_states: tuple[tuple[int, int, tuple[bytes, ...]], ...]
+    output_columns: tuple[str, ...] = ()
 
 
 def _open(config: Any, spec: RunSpec, coordinator: Coordinator, group: Any) -> tuple[_Start, StoreWriter | None, RunRecord | None]:
@@ -109,7 +110,7 @@ def _open(config: Any, spec: RunSpec, coordinator: Coordinator, group: Any) -> t
         broadcast(sendable(exc), group)
         raise
     start = _Start(record.run_id, record.name, record.attempt, record.status, record.planned_batches,
-                   record.output_dir, record.done, record.reducer_states)
+                   record.output_dir, record.done, record.reducer_states, record.output_columns)
     broadcast(start, group)
     return start, writer, record
 
@@ -120,13 +121,14 @@ def run(config: Any, spec: RunSpec, user: bytes, sharding: Sharding, reporter: R
     import torch.distributed as dist
 
     torch.set_num_threads(default_threads(env.local_world_size))
-    group, _ = join_group(env.local_rank)
+    group, created = join_group(env.local_rank)
     coordinator = TorchCoordinator(group)
     start, writer, record = _open(config, spec, coordinator, group)
     if start.status == "done":
         if writer is not None:
             logger.info("run %r is already done in %s; returning it as is", start.name, config.store)
             writer.close()
+        _leave_group(created)
         return Run(config.store, start.run_id)
     sharding, worker_spec = attempt_spec(config, spec.dataset_len, env.world_size, user, start)
     channel = Channel(dist.distributed_c10d._get_default_store(), start.run_id, start.attempt, env.world_size)
@@ -139,11 +141,27 @@ def run(config: Any, spec: RunSpec, user: bytes, sharding: Sharding, reporter: R
             status, error = _run_peer(worker_spec, env, coordinator, group, channel, signals, start.name)
     if error is not None:
         raise error
+    _leave_group(created)
     if signals.count and status == "preempted":
         if signals.last == signal.SIGINT:
             raise KeyboardInterrupt(f"run {start.name!r} preempted and committed; resume with run_name={start.name!r}")
         sys.exit(128 + signal.SIGTERM)
     return Run(config.store, start.run_id)
+
+
+def _leave_group(created: bool) -> None:
+    """Destroy the process group nbbatch created, once every rank is past its last collective.
+
+    Left to interpreter teardown, gloo's worker threads still hold work objects whose tensors take
+    the GIL while Python is being torn down, and the rank aborts (``terminate called without an
+    active exception``, SIGABRT) after a finished run, so torchrun reports the job failed. Only on
+    clean ends: after an error a peer may still sit in a collective, and the process leaves anyway.
+    A group the caller created is the caller's to destroy.
+    """
+    import torch.distributed as dist
+
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run_peer(
@@ -154,7 +172,7 @@ def _run_peer(
     sink = PeerSink(env.rank, channel)
     finished = threading.Event()
     channel.publish_progress(env.rank, sink.counters())
-    PeerWatcher(env.rank, channel, sink, finished).start()
+    watcher = PeerWatcher(env.rank, channel, sink, finished).start()
     try:
         try:
             run_loop(spec, env.rank, env.local_rank, coordinator, sink, lambda: bool(signals.count))
@@ -176,5 +194,8 @@ def _run_peer(
         except Exception:
             pass
         finished.set()
+        # Not left running into interpreter teardown: a daemon thread inside a c10d store call then
+        # cannot take the GIL back, and the rank aborts.
+        watcher.thread.join(ABORT_GRACE_SECONDS)
 
 

@@ -1,7 +1,9 @@
 """Turning per-sample outputs and event rows into Arrow tables for bulk inserts.
 
 DuckDB ingests Arrow at ~500k rows/s against ~2k rows/s for ``executemany``, so every insert in
-the store goes through here. Must not import anything from nbbatch but ``_events``.
+the store goes through here; the per-sample outputs table itself is built by ``nbbatch._rows``,
+which workers share for their segments. Must not import anything from nbbatch but ``_events``
+and ``_rows``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from nbbatch._events import MetricRecord
+from nbbatch._rows import column_array, outputs_table
 
 __all__ = [
     "BATCH_SCHEMA",
@@ -35,62 +38,6 @@ def timestamp(t: float | None) -> dt.datetime | None:
     if t is None:
         return None
     return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).replace(tzinfo=None)
-
-
-def _numpy_array(arr: np.ndarray) -> pa.Array:
-    """A (rows, *shape) array as a column of fixed-size (nested) arrays."""
-    if arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
-    if arr.dtype.kind in "US":
-        return pa.array(arr.tolist())
-    if arr.dtype.kind == "O":
-        return pa.array(arr.tolist())
-    flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
-    for size in reversed(arr.shape[1:]):
-        flat = pa.FixedSizeListArray.from_arrays(flat, int(size))
-    return flat
-
-
-def column_array(values: Any) -> pa.Array:
-    """Convert one output column (numpy array or list) into an Arrow array."""
-    if isinstance(values, np.ndarray):
-        return _numpy_array(values)
-    if isinstance(values, (list, tuple)) and values and isinstance(values[0], np.ndarray):
-        return _numpy_array(np.stack(values))
-    return pa.array(list(values))
-
-
-def outputs_table(
-    run_id: str,
-    batches: Sequence[tuple[int, int, int, int, dict[str, Any]]],
-) -> pa.Table:
-    """Build the outputs rows of many batches.
-
-    Args:
-        run_id: the run.
-        batches: ``(rank, batch_idx, global_batch, first_index, columns)`` per batch, where every
-            column has one entry per sample.
-    """
-    keys: dict[str, list[np.ndarray]] = {"rank": [], "batch_idx": [], "global_batch": [], "sample_index": []}
-    columns: dict[str, list[pa.Array]] = {}
-    total = 0
-    for rank, batch_idx, global_batch, first_index, cols in batches:
-        rows = len(next(iter(cols.values())))
-        total += rows
-        keys["rank"].append(np.full(rows, rank, dtype=np.int32))
-        keys["batch_idx"].append(np.full(rows, batch_idx, dtype=np.int64))
-        keys["global_batch"].append(np.full(rows, global_batch, dtype=np.int64))
-        keys["sample_index"].append(np.arange(first_index, first_index + rows, dtype=np.int64))
-        for name, values in cols.items():
-            columns.setdefault(name, []).append(column_array(values))
-    arrays: dict[str, pa.Array | pa.ChunkedArray] = {"run_id": pa.array([run_id] * total, pa.string())}
-    for name, pieces in keys.items():
-        arrays[name] = pa.array(np.concatenate(pieces) if pieces else np.array([], dtype=np.int64))
-    for name, chunks in columns.items():
-        first = chunks[0].type
-        chunks = [c if c.type == first or c.type == pa.null() else c.cast(first) for c in chunks]
-        arrays[name] = pa.chunked_array(chunks, type=first)
-    return pa.table(arrays)
 
 
 def rows_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:

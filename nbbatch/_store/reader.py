@@ -1,7 +1,10 @@
 """Read-side queries over the store, shared by the Run handle, the CLI and the dashboard.
 
-Every query uses bound parameters; table names come only from ``schema.outputs_table`` (hex run
-ids). Must not import anything from nbbatch but ``_store`` and ``_errors``.
+Every query uses bound parameters; identifiers reach SQL text only through ``sql.ident``. Run
+summaries carry the status readers report: a ``running`` row whose writer lock nobody holds is
+``interrupted`` (``lock.resolve_status``), with a synthesized ``error`` and ``finished_at`` (the
+last time the run was heard from). Must not import anything from nbbatch but ``_store``,
+``_events`` and ``_errors``.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ from typing import Any
 import duckdb
 
 from nbbatch._errors import RunNotFound, StoreError
+from nbbatch._events import Status
 from nbbatch._store.connection import StoreOpenError, open_store, relation_connection
+from nbbatch._store import segments
+from nbbatch._store.lock import interrupted_error, resolve_status, writer_alive
 from nbbatch._store.schema import outputs_table
+from nbbatch._store.sql import ident
 
 __all__ = [
     "RUN_COLUMNS",
@@ -24,9 +31,11 @@ __all__ = [
     "list_runs",
     "metrics_relation",
     "outputs_relation",
+    "outputs_sql",
     "reading",
     "relation_cursor",
     "run_summary",
+    "store_path",
 ]
 
 RUN_COLUMNS = (
@@ -37,7 +46,7 @@ RUN_COLUMNS = (
 )
 
 _SUMMARY = f"""
-SELECT {", ".join("r." + c for c in RUN_COLUMNS)},
+SELECT {", ".join(f"r.{ident(c)}" for c in RUN_COLUMNS)},
        coalesce(b.committed, 0) AS committed_batches,
        coalesce(b.rows, 0) AS committed_rows,
        coalesce(p.batches, 0) AS live_batches,
@@ -81,8 +90,30 @@ def _row_dict(cursor: duckdb.DuckDBPyConnection, row: tuple[Any, ...]) -> dict[s
     return out
 
 
+def store_path(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The file behind ``con`` (None for an in-memory database)."""
+    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return str(row[0]) if row and row[0] else None
+
+
+def _with_live_status(con: duckdb.DuckDBPyConnection, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Report each run's status as a `Status`; ``running`` without a lock holder becomes ``interrupted``."""
+    alive: bool | None = None
+    if any(s["status"] == Status.RUNNING for s in summaries):
+        path = store_path(con)
+        alive = writer_alive(path) if path else None  # one look at the lock serves every row
+    for s in summaries:
+        s["status"] = status = resolve_status(str(s["status"]), alive)
+        if status is Status.INTERRUPTED:
+            if s.get("error") is None:
+                s["error"] = interrupted_error(str(s["name"]), s.get("pid"), s.get("host"))
+            if s.get("finished_at") is None:
+                s["finished_at"] = s.get("updated_at")
+    return summaries
+
+
 def run_summary(con: duckdb.DuckDBPyConnection, name_or_id: str) -> dict[str, Any]:
-    """The run row plus counts; raises RunNotFound."""
+    """The run row plus counts, ``status`` as readers report it (see `_with_live_status`); raises RunNotFound."""
     cur = con.execute(_SUMMARY + " WHERE r.name = ? OR r.run_id = ?", [name_or_id, name_or_id])
     rows = cur.fetchall()
     row = rows[0] if rows else None
@@ -90,7 +121,7 @@ def run_summary(con: duckdb.DuckDBPyConnection, name_or_id: str) -> dict[str, An
         names = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY created_at DESC LIMIT 5").fetchall()]
         hint = f" (recent runs: {', '.join(names)})" if names else " (the store has no runs yet)"
         raise RunNotFound(f"no run named {name_or_id!r} in this store{hint}; `nbbatch runs` lists them")
-    return _row_dict(cur, row)
+    return _with_live_status(con, [_row_dict(cur, row)])[0]
 
 
 def find_run(con: duckdb.DuckDBPyConnection, name_or_id: str) -> str:
@@ -102,21 +133,30 @@ def list_runs(con: duckdb.DuckDBPyConnection, limit: int | None = None) -> list[
     """Summaries of every run, newest first."""
     query = _SUMMARY + " ORDER BY r.created_at DESC" + (" LIMIT ?" if limit else "")
     cur = con.execute(query, [limit] if limit else [])
-    return [_row_dict(cur, row) for row in cur.fetchall()]
+    return _with_live_status(con, [_row_dict(cur, row) for row in cur.fetchall()])
 
 
-def outputs_relation(con: duckdb.DuckDBPyConnection, run_id: str) -> duckdb.DuckDBPyRelation:
-    """One row per stored sample, in dataset order."""
+def outputs_sql(con: duckdb.DuckDBPyConnection, run_id: str) -> str:
+    """SQL for one row per stored sample, unordered: committed segments and inline rows together."""
     table = outputs_table(run_id)
     exists = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
     ).fetchall()
-    if not exists[0][0]:
-        return con.sql(
+    path = store_path(con)
+    parts = [segments.view_sql(con, run_id, path) if path else None]
+    parts.append(f"SELECT * FROM {ident(table)}" if exists[0][0] else None)
+    present = [p for p in parts if p is not None]
+    if not present:
+        return (
             "SELECT NULL::VARCHAR AS run_id, NULL::INTEGER AS rank, NULL::BIGINT AS batch_idx, "
             "NULL::BIGINT AS global_batch, NULL::BIGINT AS sample_index WHERE false"
         )
-    return con.sql(f"SELECT * FROM {table} ORDER BY sample_index")
+    return " UNION ALL BY NAME ".join(f"({p})" if len(present) > 1 else p for p in present)
+
+
+def outputs_relation(con: duckdb.DuckDBPyConnection, run_id: str) -> duckdb.DuckDBPyRelation:
+    """One row per stored sample, in dataset order (segments written by workers and inline rows alike)."""
+    return con.sql(f"SELECT * FROM ({outputs_sql(con, run_id)}) ORDER BY sample_index")
 
 
 def metrics_relation(con: duckdb.DuckDBPyConnection, run_id: str) -> duckdb.DuckDBPyRelation:

@@ -1,17 +1,16 @@
 """The store's only writer: creates and resumes runs and commits checkpoints in one transaction.
 
-One process per store writes (the launcher, or rank 0 under torchrun). A sidecar file lock
-(``<store>.lock``) keeps a second live run out with a clear error; the DuckDB file itself is opened
-only for each flush, so dashboards in other processes can read between flushes.
+One process per store writes (the launcher, or rank 0 under torchrun). Its `WriterLock` on the
+sidecar ``<store>.lock`` keeps a second live run out with a clear error and tells readers that its
+run is alive (``_store/lock.py``); the DuckDB file itself is opened only for each flush, so
+dashboards in other processes can read between flushes.
 Must not import anything from nbbatch but ``_events``, ``_errors`` and ``_store``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pickle
 import socket
 import threading
 import time
@@ -19,13 +18,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from nbbatch._errors import ResumeMismatch, StoreBusy, StoreError
-from nbbatch._events import BatchDone, BatchFailed, MetricRecord
+from nbbatch._errors import ResumeMismatch, StoreError
+from nbbatch._events import BatchDone, BatchFailed, MetricRecord, SegmentWritten, Status
+from nbbatch._store import inputs, segments
 from nbbatch._store.arrow import (
     BATCH_SCHEMA,
     ERROR_SCHEMA,
@@ -37,8 +37,13 @@ from nbbatch._store.arrow import (
     rows_table,
     timestamp,
 )
+from nbbatch._store.columns import insert_outputs, output_columns
 from nbbatch._store.connection import StoreOpenError, ensure_schema, open_store, writing
-from nbbatch._store.schema import outputs_table as outputs_table_name
+from nbbatch._store.inputs import InputsInfo
+from nbbatch._store.lock import WriterLock, interrupted_error
+from nbbatch._store.schema import run_folder
+from nbbatch._store.sql import ident
+from nbbatch._store.trust import Signer
 
 __all__ = ["Commit", "ProgressRow", "RunRecord", "RunSpec", "StoreWriter"]
 
@@ -61,6 +66,8 @@ class RunSpec:
     output_root: str
     launch: dict[str, Any] | None
     config: dict[str, Any]
+    trust: bool = False  # re-sign the run's records with this user's key instead of refusing foreign ones
+    inputs: InputsInfo | None = None  # a TableDataset's snapshot: rows and content hash (``_store/inputs.py``)
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class RunRecord:
     done: frozenset[int]
     reducer_states: tuple[tuple[int, int, tuple[bytes, ...]], ...]
     failures: int
+    output_columns: tuple[str, ...] = ()  # of the outputs table so far: workers refuse keys differing in case
 
 
 @dataclass(frozen=True)
@@ -101,9 +109,11 @@ class Commit:
     errors: list[BatchFailed] = field(default_factory=list)
     progress: list[ProgressRow] = field(default_factory=list)
     log: tuple[float, int, int, int] | None = None
+    segments: list[SegmentWritten] = field(default_factory=list)  # manifests of the batches' output segments
 
     def __bool__(self) -> bool:
-        return bool(self.batches or self.reducer_states or self.metrics or self.errors or self.progress or self.log)
+        return bool(self.batches or self.reducer_states or self.metrics or self.errors or self.progress or self.log
+                    or self.segments)
 
 
 class StoreWriter:
@@ -117,9 +127,8 @@ class StoreWriter:
     def __init__(self, path: str, *, timeout: float = 60.0) -> None:
         self.path = os.path.abspath(path)
         self.timeout = timeout
-        self._lock_file: IO[str] | None = None
-        self._tables: set[str] = set()
-        self._acquire_lock()
+        self._signer = Signer()  # signs launch info and reducer states; a resume verifies them
+        self._lock: WriterLock | None = WriterLock(self.path)
         # Pay DuckDB's first-Arrow-scan imports (~0.3 s) now; a daemon killed inside DuckDB at exit aborts.
         threading.Thread(target=_warm_arrow_ingest, daemon=False, name="nbbatch-warm-up").start()
         self._writing: Any = writing(self.path)
@@ -131,47 +140,33 @@ class StoreWriter:
             self.close()
             raise
 
-    # -- lock -----------------------------------------------------------------------------------
-    def _acquire_lock(self) -> None:
-        parent = os.path.dirname(self.path)
-        try:
-            os.makedirs(parent, exist_ok=True)
-            handle = open(self.path + ".lock", "a+")
-        except OSError as exc:
-            raise StoreError(
-                f"cannot write to the store `{self.path}` ({exc.strerror}); pass `store=` a writable path"
-            ) from exc
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise StoreBusy(
-                f"the store `{self.path}` is in use by a live run ({holder}); wait for it to end, "
-                f"stop it (`nbbatch.open_run(...).stop()`), or pass another `store=` path"
-            ) from None
-        self._lock_file = handle
-        self._set_holder("starting")
-
-    def _set_holder(self, what: str) -> None:
-        assert self._lock_file is not None
-        fd = self._lock_file.fileno()  # unbuffered: a failed write must not resurface at close()
-        with suppress(OSError):  # only informational; a full disk must not break the locking
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"run {what}, pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-
     def close(self) -> None:
         """Release the store lock; the file itself is already closed between flushes."""
         if getattr(self, "_writing", None) is not None:
             self._writing.__exit__(None, None, None)
             self._writing = None
-        if self._lock_file is not None:
-            try:
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
-            finally:
-                self._lock_file.close()
-                self._lock_file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _set_holder(self, what: str) -> None:
+        if self._lock is not None:
+            self._lock.describe(what)
+
+    @staticmethod
+    def _record_interrupted(con: duckdb.DuckDBPyConnection) -> None:
+        """Mark runs left `running` as interrupted: this writer holds the lock, so their launchers are gone."""
+        stale = con.execute("SELECT run_id, name, pid, host FROM runs WHERE status = ?", [Status.RUNNING]).fetchall()
+        for run_id, name, pid, host in stale:
+            con.execute(
+                "UPDATE runs SET status = ?, error = coalesce(error, ?), finished_at = coalesce(finished_at, updated_at) "
+                "WHERE run_id = ? AND status = ?",
+                [Status.INTERRUPTED, interrupted_error(name, pid, host), run_id, Status.RUNNING],
+            )
+            con.execute(
+                "UPDATE progress SET status = ? WHERE run_id = ? AND status = ?",
+                [Status.INTERRUPTED, run_id, Status.RUNNING],
+            )
 
     @contextmanager
     def _open(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -186,6 +181,7 @@ class StoreWriter:
         """Create a run, or resume the named one; refuse a different fingerprint."""
         now = timestamp(time.time())
         with self._open() as con:
+            self._record_interrupted(con)
             row = None
             if spec.name is not None:
                 row = con.execute(
@@ -196,7 +192,7 @@ class StoreWriter:
             if row is None:
                 run_id = uuid.uuid4().hex[:12]
                 name = spec.name or time.strftime("run-%Y%m%d-%H%M%S-") + run_id[:4]
-                output_dir = os.path.join(spec.output_root, name)
+                output_dir = run_folder(spec.output_root, run_id)  # by id: names never become paths
                 con.execute(
                     "INSERT INTO runs (run_id, name, status, processor, dataset_len, batch_size, max_batches, "
                     "checkpoint_interval, planned_batches, real_batches, world_size, attempt, done_at_start, "
@@ -210,9 +206,14 @@ class StoreWriter:
                         socket.gethostname(), os.getpid(), now, now, now,
                     ],
                 )
+                self._signer.sign_launch(con, run_id, spec.launch)
+                if spec.inputs is not None:
+                    inputs.record(con, run_id, spec.inputs)
+                segments.prepare(output_dir, 1)
                 self._set_holder(repr(name))
                 return RunRecord(run_id, name, "running", 1, spec.planned_batches, output_dir, frozenset(), (), 0)
             run_id, status, processor, dataset_len, batch_size, max_batches, attempt, planned, output_dir = row
+            inputs.check(con, run_id, str(spec.name), self.path, spec.inputs)  # before dataset_len: names the cause
             stored = {"dataset_len": dataset_len, "batch_size": batch_size, "processor": processor, "max_batches": max_batches}
             given = {"dataset_len": spec.dataset_len, "batch_size": spec.batch_size, "processor": spec.processor, "max_batches": spec.max_batches}
             for key in ("dataset_len", "batch_size", "processor", "max_batches"):
@@ -227,30 +228,34 @@ class StoreWriter:
             done = frozenset(
                 int(g) for (g,) in con.execute("SELECT global_batch FROM batches WHERE run_id = ?", [run_id]).fetchall()
             )
-            states = tuple(
-                (int(a), int(r), tuple(pickle.loads(blob)))
-                for a, r, blob in con.execute(
-                    "SELECT attempt, rank, states FROM reducer_state WHERE run_id = ? ORDER BY attempt, rank", [run_id]
-                ).fetchall()
-            )
-            failures = 0
+            # A resume runs code the store names: only records this user signed (or `trust`), never unpickled here.
+            states = () if status == "done" else self._signer.resume_states(con, run_id, name, self.path, spec.trust)
+            failures, columns = 0, output_columns(con, run_id)
+            columns += tuple(c for c, _ in segments.columns(con, run_id) if c not in columns)
             if status == "done":
-                return RunRecord(run_id, name, status, int(attempt), int(planned), output_dir, done, states, failures)
+                return RunRecord(run_id, name, status, int(attempt), int(planned), output_dir, done, states, failures,
+                                 columns)
+            output_dir = run_folder(spec.output_root, run_id, output_dir)
             attempt = int(attempt) + 1
             con.execute(
                 "UPDATE runs SET status = 'running', attempt = ?, world_size = ?, done_at_start = ?, error = NULL, "
                 "on_error = ?, max_failures = ?, checkpoint_interval = ?, launch = coalesce(?, launch), host = ?, "
-                "pid = ?, started_at = ?, updated_at = ?, finished_at = NULL WHERE run_id = ?",
+                "pid = ?, started_at = ?, updated_at = ?, finished_at = NULL, output_dir = ? WHERE run_id = ?",
                 [
                     attempt, spec.world_size, len(done), spec.on_error, spec.max_failures, spec.checkpoint_interval,
-                    json.dumps(spec.launch) if spec.launch else None, socket.gethostname(), os.getpid(), now, now, run_id,
+                    json.dumps(spec.launch) if spec.launch else None, socket.gethostname(), os.getpid(), now, now,
+                    output_dir, run_id,
                 ],
             )
+            self._signer.sign_launch(con, run_id, spec.launch)
+            segments.sweep(con, run_id, output_dir)  # what a crash left uncommitted: never visible, now gone
+            segments.prepare(output_dir, attempt)
             self._set_holder(repr(name))
-            return RunRecord(run_id, name, "running", attempt, int(planned), output_dir, done, states, failures)
+            return RunRecord(run_id, name, "running", attempt, int(planned), output_dir, done, states, failures, columns)
 
-    def finish(self, record: RunRecord, status: str, reduced: dict[str, Any] | None, error: str | None) -> None:
+    def finish(self, record: RunRecord, status: Status | str, reduced: dict[str, Any] | None, error: str | None) -> None:
         """Set the run's final status (``done``, ``failed``, ``preempted``)."""
+        status = Status(status)  # a typo must fail here, not leave a status no reader knows
         now = timestamp(time.time())
         try:
             with self._open() as con:
@@ -313,7 +318,9 @@ class StoreWriter:
                 (b.rank, b.batch_idx, b.global_batch, first, b.outputs) for b, first in commit.batches if b.outputs
             ]
             if with_outputs:
-                self._insert_outputs(con, run_id, outputs_table(run_id, with_outputs))
+                insert_outputs(con, run_id, outputs_table(run_id, with_outputs))
+        if commit.segments:
+            segments.record(con, run_id, record.attempt, commit.segments, timestamp(now))
         if commit.metrics:
             self._insert(con, "metrics", rows_table(list(metric_rows(run_id, commit.metrics)), METRIC_SCHEMA))
         if commit.errors:
@@ -327,10 +334,7 @@ class StoreWriter:
             ]
             self._insert(con, "errors", rows_table(rows, ERROR_SCHEMA))
         for rank, (step, states) in sorted(commit.reducer_states.items()):
-            con.execute(
-                "INSERT OR REPLACE INTO reducer_state VALUES (?, ?, ?, ?, ?)",
-                [run_id, record.attempt, rank, step, pickle.dumps(states)],
-            )
+            self._signer.put_states(con, run_id, record.attempt, rank, step, states)
         if commit.progress:
             rows = [
                 {
@@ -354,22 +358,8 @@ class StoreWriter:
         con.register("_nbbatch_rows", data)
         # No `finally`: after a failed insert the transaction is aborted, so unregistering would
         # raise and hide the real error (e.g. a type mismatch); the caller's ROLLBACK drops the view.
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_rows")
+        con.execute(f"INSERT INTO {ident(table)} BY NAME SELECT * FROM _nbbatch_rows")
         con.unregister("_nbbatch_rows")
-
-    def _insert_outputs(self, con: duckdb.DuckDBPyConnection, run_id: str, data: pa.Table) -> None:
-        table = outputs_table_name(run_id)
-        con.register("_nbbatch_out", data)
-        # No `finally` (see `_insert`): unregistering in an aborted transaction hides the real error.
-        if table not in self._tables:
-            con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM _nbbatch_out LIMIT 0")
-        have = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
-        for name, kind, *_ in con.execute("DESCRIBE _nbbatch_out").fetchall():
-            if name not in have:
-                con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {kind}')
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _nbbatch_out")
-        con.unregister("_nbbatch_out")
-        self._tables.add(table)  # only now: a rolled-back CREATE must be retried next time
 
 
 def _warm_arrow_ingest() -> None:

@@ -20,8 +20,10 @@ from typing import Any
 import click
 
 from nbbatch import __version__
+from nbbatch._events import Status
 from nbbatch._help import OPTION_HELP
-from nbbatch._ui import targets
+from nbbatch._ui import serving, targets
+from nbbatch._ui import trust as trust_ui
 from nbbatch._ui.targets import UsageFailure
 
 __all__ = ["main"]
@@ -76,26 +78,28 @@ def cli() -> None:
 
 @cli.command("run")
 @click.argument("target")
-@click.option("--dataset", "factory", required=True, metavar="FACTORY",
+@click.option("--dataset", "factory", default=None, metavar="FACTORY",
               help="`module:attr` or `path.py:attr`: a Dataset, or a callable returning one (called with --dataset-arg).")
+@click.option("--table", "table", default=None, metavar="SOURCE", help=OPTION_HELP["table"])
 @click.option("--dataset-arg", "dataset_args", multiple=True, metavar="KEY=VALUE",
               help="Keyword argument for FACTORY; VALUE is parsed as JSON when it can be (size=100, train=false).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help=OPTION_HELP["batch_size"])
 @click.option("--checkpoint-interval", type=click.IntRange(min=1), default=5, show_default=True,
               help=OPTION_HELP["checkpoint_interval"])
 @click.option("--max-batches", type=int, default=None, help=OPTION_HELP["max_batches"])
-@click.option("--name", "run_name", default=None,
+@click.option("--name", "run_name", default=None, callback=lambda ctx, param, value: _run_name(value),
               help=OPTION_HELP["run_name"])
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
               help=OPTION_HELP["on_error"])
 @click.option("--max-failures", type=click.IntRange(min=0), default=None,
               help=OPTION_HELP["max_failures"])
 @_run_options
-def run_command(target: str, factory: str, dataset_args: tuple[str, ...], batch_size: int, checkpoint_interval: int,
+def run_command(target: str, factory: str | None, table: str | None, dataset_args: tuple[str, ...], batch_size: int,
+                checkpoint_interval: int,
                 max_batches: int | None, run_name: str | None, on_error: str, max_failures: int | None,
                 store: str | None, processes: int | None, dashboard: bool, dashboard_port: int, progress: bool,
                 verbose: bool) -> int:
-    """Run the processor class TARGET over the dataset FACTORY.
+    """Run the processor class TARGET over the dataset FACTORY, or over the rows of a table (--table).
 
     TARGET and FACTORY are `module:attr` (imported from the current directory or sys.path) or
     `path/to/file.py:attr`. The run records how to re-create them, so `nbbatch resume RUN` and the
@@ -105,15 +109,11 @@ def run_command(target: str, factory: str, dataset_args: tuple[str, ...], batch_
     Example:
       nbbatch run examples/embeddings.py:EmbeddingProcessor \\
           --dataset examples/embeddings.py:make_dataset --dataset-arg size=512 --batch-size 64
+      nbbatch run model.py:Classify --table "SELECT id, path FROM 'in.parquet' ORDER BY id" --batch-size 32
     """
     _setup_logging(verbose)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # until the run installs its graceful handler
-    launch = {
-        "target": targets.normalize(target, "TARGET"),
-        "dataset": targets.normalize(factory, "FACTORY"),
-        "dataset_args": targets.parse_args(dataset_args),
-        "cwd": os.getcwd(),
-    }
+    launch = targets.launch_info(target, factory, table, dataset_args)
     kwargs = {"batch_size": batch_size, "max_batches": max_batches, "checkpoint_interval": checkpoint_interval,
               "run_name": run_name, "on_error": on_error, "max_failures": max_failures}
     return _start_run(launch, kwargs, targets.store_path(store), processes, dashboard, dashboard_port, progress, verbose)
@@ -121,36 +121,55 @@ def run_command(target: str, factory: str, dataset_args: tuple[str, ...], batch_
 
 @cli.command("resume")
 @click.argument("run")
+@click.option("--trust", is_flag=True, help="Run and sign records you did not sign (see `nbbatch trust`).")
 @_run_options
-def resume_command(run: str, store: str | None, processes: int | None, dashboard: bool, dashboard_port: int,
-                   progress: bool, verbose: bool) -> int:
+def resume_command(run: str, trust: bool, store: str | None, processes: int | None, dashboard: bool,
+                   dashboard_port: int, progress: bool, verbose: bool) -> int:
     """Resume the unfinished run RUN (name or id) that `nbbatch run` started.
 
     The processor and dataset are imported again as the run recorded them; committed batches are
-    kept and every sample is stored exactly once. The number of processes may differ.
+    kept and every sample is stored exactly once. The number of processes may differ. Records
+    you did not sign are refused: check them with `nbbatch show RUN`, then `nbbatch trust RUN`.
     """
     _setup_logging(verbose)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     path = targets.existing_store(store)
     summary = targets.run_summary(path, run)
     launch = summary.get("launch") or {}
-    if not launch.get("target") or not launch.get("dataset"):
+    if not launch.get("target") or not (launch.get("dataset") or launch.get("table")):
         raise UsageFailure(
             f"run {summary['name']!r} was not started by `nbbatch run` (it has no launch info; probably a "
             f"notebook or script started it); resume it there with `torch_batch_process(..., "
             f"run_name={summary['name']!r})`"
         )
-    if summary["status"] == "done":
+    if summary["status"] == Status.DONE:
         click.echo(f"run {summary['name']!r} is already done; `nbbatch show {summary['name']}` describes it")
         return EXIT_DONE
+    launch = trust_ui.require(path, summary, trust)  # as checked, before anything it names is imported
     if launch.get("cwd") and os.path.isdir(launch["cwd"]):
         os.chdir(launch["cwd"])  # relative paths in the factory mean what they meant at `nbbatch run`
     kwargs = {"batch_size": summary["batch_size"], "max_batches": summary["max_batches"],
-              "checkpoint_interval": summary["checkpoint_interval"], "run_name": summary["name"],
+              "checkpoint_interval": summary["checkpoint_interval"], "run_name": _run_name(summary["name"], summary["run_id"]),
               "on_error": summary["on_error"] or "raise", "max_failures": summary["max_failures"]}
     if processes is None and "WORLD_SIZE" not in os.environ:
         processes = int(summary["world_size"] or 1)
-    return _start_run(launch, kwargs, path, processes, dashboard, dashboard_port, progress, verbose)
+    return _start_run(launch, kwargs, path, processes, dashboard, dashboard_port, progress, verbose, trust)
+
+
+def _run_name(value: str | None, run_id: str | None = None) -> str | None:
+    """``--name`` checked while parsing (exit 2, before any import); resuming a run an older nbbatch
+    stored under a name outside today's rule uses its id instead."""
+    from nbbatch._store.schema import check_run_name
+
+    try:
+        return None if value is None else check_run_name(value)
+    except ValueError as exc:
+        if run_id is not None:
+            return run_id
+        raise click.BadParameter(str(exc)) from None
+
+
+cli.add_command(trust_ui.trust_command)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -158,20 +177,23 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _start_run(launch: dict[str, Any], kwargs: dict[str, Any], store: str, processes: int | None, dashboard: bool,
-               dashboard_port: int, progress: bool, verbose: bool) -> int:
+               dashboard_port: int, progress: bool, verbose: bool, trust: bool = False) -> int:
     """Import the processor and dataset, run, and turn the outcome into an exit code."""
     cwd = launch.get("cwd") or os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)  # like `python -m`: modules next to where the run was started
     processor = targets.processor(launch["target"], verbose)
-    dataset = targets.dataset(launch["dataset"], launch.get("dataset_args") or {}, verbose)
+    if launch.get("table"):
+        dataset = targets.table(launch["table"])
+    else:
+        dataset = targets.dataset(launch["dataset"], launch.get("dataset_args") or {}, verbose)
     from nbbatch._api import torch_batch_process
     from nbbatch._errors import InvalidArgument, NbbatchError, ResumeMismatch, WorkerFailed
 
-    server = _serve_dashboard(store, dashboard_port) if dashboard else None
+    server = serving.serve_during_run(store, dashboard_port) if dashboard else None
     try:
         run = torch_batch_process(processor, dataset, store=store, num_processes=processes, progress=progress,
-                                  launch=launch, **kwargs)
+                                  launch=launch, trust=trust, **kwargs)
     except KeyboardInterrupt as exc:
         click.echo(f"nbbatch: interrupted: {exc}" if str(exc) else "nbbatch: interrupted", err=True)
         return EXIT_SIGINT
@@ -193,16 +215,16 @@ def _start_run(launch: dict[str, Any], kwargs: dict[str, Any], store: str, proce
         _report(exc, verbose, with_type=True)
         return EXIT_FAILED
     finally:
-        _stop(server)
+        serving.stop_server(server)
     if os.environ.get("RANK", "0") != "0":
         return EXIT_DONE  # under torchrun only rank 0 reports; the store lives on its machine
     summary = run.summary
     click.echo(_one_line(summary))
-    if summary["status"] == "preempted":
+    if summary["status"] == Status.PREEMPTED:
         click.echo(f"nbbatch: run {summary['name']!r} was stopped; continue it with `nbbatch resume {summary['name']}`",
                    err=True)
         return EXIT_SIGTERM
-    return EXIT_DONE if summary["status"] == "done" else EXIT_FAILED
+    return EXIT_DONE if summary["status"] == Status.DONE else EXIT_FAILED
 
 
 def _report(exc: BaseException, verbose: bool, with_type: bool = False) -> None:
@@ -212,24 +234,6 @@ def _report(exc: BaseException, verbose: bool, with_type: bool = False) -> None:
     message = getattr(exc, "message", None) or str(exc)  # WorkerFailed.message leaves out the remote traceback
     click.echo(f"Error: {type(exc).__name__ + ': ' if with_type else ''}{message} (--verbose shows the traceback)",
                err=True)
-
-
-def _serve_dashboard(store: str, port: int) -> Any:
-    try:
-        from nbbatch._ui.dashboard import serve
-    except ImportError as exc:
-        click.echo(f"nbbatch: the dashboard is unavailable ({exc}); running without it", err=True)
-        return None
-    server = serve(store, port=port, address="127.0.0.1", show=False, threaded=True)
-    click.echo(f"nbbatch: dashboard at http://127.0.0.1:{port}", err=True)
-    return server
-
-
-def _stop(server: Any) -> None:
-    try:
-        getattr(server, "stop", lambda: None)()
-    except Exception:  # the run's outcome matters more than the dashboard's shutdown
-        logging.getLogger("nbbatch").debug("dashboard shutdown failed", exc_info=True)
 
 
 def _one_line(s: dict[str, Any]) -> str:
@@ -287,7 +291,8 @@ def show_command(run: str, store: str | None, as_json: bool) -> int:
             [s["run_id"]],
         ).fetchall()
     if as_json:
-        click.echo(json.dumps({**s, "errors_by_type": dict(by_type)}, default=str, indent=2))
+        click.echo(json.dumps({**s, "errors_by_type": dict(by_type), "trust": trust_ui.show_json(path, s)},
+                              default=str, indent=2))
         return EXIT_DONE
     launch = s.get("launch") or {}
     lines = [
@@ -308,13 +313,13 @@ def show_command(run: str, store: str | None, as_json: bool) -> int:
         ("reduced metrics", json.dumps(s.get("reduced_metrics") or {}, default=str)),
         ("output dir", str(s["output_dir"])),
         ("store", path),
-    ]
-    if s["status"] != "done":
+    ] + trust_ui.show_lines(path, s)  # what a resume would import and call, and who signed it
+    if Status(s["status"]).resumable:  # not `running`: a live run's lock refuses a second launcher
         lines.append(("resume", f"nbbatch resume {s['name']}" if launch.get("target")
                       else f"from Python: torch_batch_process(..., run_name={s['name']!r})"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
-        click.echo(f"{key + ':':<{width + 2}}{value}")
+        click.echo(f"{key + ':' if key else '':<{width + 2}}{value}")
     return EXIT_DONE
 
 
@@ -328,9 +333,13 @@ def _first_line(text: str, limit: int = 300) -> str:
 @click.option("--to", "target", required=True, metavar="FILE",
               help="Output file; .parquet, .csv or .json (newline-delimited) picks the format.")
 @click.option("--store", "store", default=None, help=_STORE_HELP)
-def export_command(run: str, target: str, store: str | None) -> int:
+@click.option("--with-inputs", is_flag=True,
+              help="Put each output row next to its input row (runs over --table / TableDataset): sample_index, "
+                   "the input columns (input_<name> where an output has the name), then the outputs.")
+def export_command(run: str, target: str, store: str | None, with_inputs: bool) -> int:
     """Write the outputs of RUN (one row per sample, in dataset order) to a Parquet, CSV or JSON file."""
     from nbbatch._store import reader
+    from nbbatch._store.sql import literal
 
     formats = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
     fmt = formats.get(os.path.splitext(target)[1].lower())
@@ -342,33 +351,40 @@ def export_command(run: str, target: str, store: str | None) -> int:
     options = "FORMAT parquet" if fmt == "parquet" else ("FORMAT csv, HEADER" if fmt == "csv" else "FORMAT json")
     with reader.reading(path) as con:
         relation = reader.outputs_relation(con, run_id)
-        quoted = out.replace("'", "''")
-        con.execute(f"COPY ({relation.sql_query()}) TO '{quoted}' ({options})")
-        rows = con.execute(f"SELECT count(*) FROM ({relation.sql_query()})").fetchall()[0][0]
+        query = relation.sql_query()
+        if with_inputs:
+            query = targets.with_inputs(con, run, run_id, query, list(relation.columns))
+        con.execute(f"COPY ({query}) TO {literal(out)} ({options})")
+        rows = con.execute(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
     click.echo(f"wrote {rows} rows to {out}")
     return EXIT_DONE
 
 
-@cli.command("dashboard")
+@cli.command("compact")
+@click.argument("run")
 @click.option("--store", "store", default=None, help=_STORE_HELP)
-@click.option("--port", type=click.IntRange(0, 65535), default=5006, show_default=True, help="Port to serve on.")
-@click.option("--address", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0 exposes it to the network).")
-@click.option("--show/--no-show", default=False, show_default=True, help="Open a browser tab.")
-def dashboard_command(store: str | None, port: int, address: str, show: bool) -> int:
-    """Serve the live dashboard of a store (runs, progress, metrics, errors, resume/stop)."""
-    try:
-        from nbbatch._ui.dashboard import serve
-    except ImportError as exc:
-        raise click.ClickException(f"the dashboard is unavailable: {exc}") from None
+@click.option("--into-table", is_flag=True,
+              help="Move the outputs into the store's own table (one file to copy) instead of one Parquet segment.")
+def compact_command(run: str, store: str | None, into_table: bool) -> int:
+    """Merge the output segments of RUN (one per worker per checkpoint) into one file, or into the store."""
+    from nbbatch._store import segments
+    from nbbatch._store.connection import StoreOpenError, open_store
 
-    path = targets.store_path(store)
-    click.echo(f"nbbatch: dashboard for {path} at http://{address}:{port} (Ctrl-C to stop)", err=True)
+    path = targets.existing_store(store)
+    summary = targets.run_summary(path, run)
+    if summary["status"] == Status.RUNNING:
+        raise UsageFailure(f"run {run!r} is still running; compact it once it has ended")
     try:
-        serve(path, port=port, address=address, show=show, threaded=False)
-    except KeyboardInterrupt:  # Ctrl-C is how a served dashboard ends
-        pass
+        with open_store(path, write=True) as con:
+            merged, rows = segments.compact(con, str(summary["run_id"]), path, into_table=into_table)
+    except StoreOpenError as exc:
+        raise click.ClickException(str(exc)) from None
+    where = "the store's outputs table" if into_table else "one segment"
+    click.echo(f"merged {merged} segments ({rows} rows) of run {summary['name']!r} into {where}")
     return EXIT_DONE
+
+
+cli.add_command(serving.dashboard_command)
 
 
 def main(argv: list[str] | None = None) -> None:

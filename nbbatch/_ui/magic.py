@@ -46,6 +46,7 @@ class BatchMagics(Magics):
     @argument("processor", nargs="?", help="Name of a TorchBatchProcessor subclass (line magic).")
     @argument("dataset", nargs="?", help="Name of a map-style dataset (line magic).")
     @argument("--dataset", dest="dataset_name", default=None, help="Dataset name (cell magic).")
+    @argument("--table", default=None, help=OPTION_HELP["table"])
     @argument("--processor", dest="processor_name", default=None,
               help="Which class the cell defines to run (cell magic; default: the only one it defines).")
     @argument("--batch-size", type=int, default=None, help=OPTION_HELP["batch_size"])
@@ -67,6 +68,7 @@ class BatchMagics(Magics):
         Line magic (names are looked up in the notebook)::
 
             %batchprocess MyProcessor dataset --batch-size 64 --processes 2 --name nightly
+            %batchprocess MyProcessor --table "SELECT id, path FROM 'in.parquet' ORDER BY id"
 
         Cell magic (runs the cell, then the TorchBatchProcessor subclass it defines)::
 
@@ -83,6 +85,7 @@ class BatchMagics(Magics):
         args = parse_argstring(self.batchprocess, line)
         if not args.out.isidentifier():
             raise UsageError(f"--out must be a Python variable name, got {args.out!r}")
+        _check_options(args)
         if cell is None:
             processor, dataset = self._line_targets(args)
         else:
@@ -117,20 +120,38 @@ class BatchMagics(Magics):
         dataset_name = args.dataset_name or (names.pop(0) if names else None)
         if processor_name is None:
             raise UsageError("usage: %batchprocess Processor dataset [options] (see %batchprocess?)")
-        if dataset_name is None:
-            raise UsageError(f"%batchprocess {processor_name} needs a dataset: %batchprocess {processor_name} dataset")
+        if dataset_name is None and args.table is None:
+            raise UsageError(f"%batchprocess {processor_name} needs a dataset: %batchprocess {processor_name} dataset "
+                             f"(or --table \"SELECT ...\")")
         if names:
             raise UsageError(f"unexpected name {names[0]!r}: give the processor and the dataset once each")
         processor = _check_processor_class(self._lookup(processor_name, "processor class"), processor_name)
-        return processor, self._lookup(dataset_name, "dataset")
+        return processor, self._data(args, dataset_name)
+
+    def _data(self, args: Any, name: str | None) -> Any:
+        """The dataset named in the notebook, or the `TableDataset` of ``--table``."""
+        if args.table is None:
+            return self._lookup(str(name), "dataset")
+        if name is not None:
+            raise UsageError(f"give the data once: the dataset {name!r} or --table, not both")
+        from nbbatch._errors import InvalidDataset
+        from nbbatch._table import TableDataset
+
+        source = args.table
+        if len(source) >= 2 and source[0] == source[-1] and source[0] in "\"'":
+            source = source[1:-1]  # IPython's argument split keeps the quotes around `--table "SELECT ..."`
+        try:
+            return TableDataset(source)
+        except InvalidDataset as exc:
+            raise UsageError(f"--table: {exc}") from None
 
     def _cell_targets(self, args: Any, cell: str) -> tuple[Any, Any]:
         if args.processor is not None:
             raise UsageError("%%batchprocess takes no positional names; use --dataset NAME [--processor NAME]")
-        if args.dataset_name is None:
-            raise UsageError("%%batchprocess needs --dataset NAME (the dataset to process)")
+        if args.dataset_name is None and args.table is None:
+            raise UsageError("%%batchprocess needs --dataset NAME (the dataset to process) or --table SOURCE")
         processor = self._run_cell_for_processor(cell, args.processor_name)
-        return processor, self._lookup(args.dataset_name, "dataset")
+        return processor, self._data(args, args.dataset_name)
 
     def _run_cell_for_processor(self, cell: str, chosen: str | None) -> Any:
         """Run the cell in the user namespace (its errors propagate as they are), diff the names."""
@@ -185,6 +206,7 @@ class BatchMagics(Magics):
         try:
             run: Run = torch_batch_process(processor, dataset, progress=reporter, **kwargs)
         except BaseException as exc:
+            _usage_error(exc)
             _show_error(reporter, exc)
             _explain_busy(exc, kwargs["store"])
             _explain_resume(exc, kwargs["run_name"], named=args.name is not None)
@@ -219,6 +241,7 @@ class BatchMagics(Magics):
         __tracebackhide__ = True
         while True:
             if failure:
+                _usage_error(failure[0])
                 _explain_busy(failure[0], kwargs["store"])
                 self._leave_run(args.out, kwargs["run_name"], kwargs["store"])
                 if _is_expected(failure[0]):
@@ -241,6 +264,34 @@ class BatchMagics(Magics):
         _BACKGROUND[run.store] = (args.out, run)
         self._shell.user_ns[args.out] = run
         return run
+
+
+# Option -> smallest valid value; the core checks them too, but a cell should show one line, not a traceback.
+_MINIMUM = {"batch_size": ("--batch-size", 1), "processes": ("--processes", 1),
+            "checkpoint_interval": ("--checkpoint-interval", 1), "max_failures": ("--max-failures", 0)}
+
+
+def _check_options(args: Any) -> None:
+    """Bad numbers and run names are bad usage: a one-line `UsageError` before anything runs."""
+    from nbbatch._store.schema import check_run_name
+
+    for dest, (option, minimum) in _MINIMUM.items():
+        value = getattr(args, dest)
+        if value is not None and value < minimum:
+            raise UsageError(f"{option} must be at least {minimum}, got {value}")
+    if args.name is not None:
+        try:
+            check_run_name(args.name)
+        except ValueError as exc:
+            raise UsageError(f"--name: {exc}") from None
+
+
+def _usage_error(exc: BaseException) -> None:
+    """An argument the core refused before starting (`InvalidArgument`) is bad usage: one line, no traceback."""
+    from nbbatch._errors import InvalidArgument
+
+    if isinstance(exc, InvalidArgument):
+        raise UsageError(" ".join(str(exc).split())) from None
 
 
 def _check_processor_class(value: Any, name: str) -> Any:

@@ -24,7 +24,7 @@ import click
 
 __all__ = [
     "UsageFailure", "dataset", "existing_store", "normalize", "parse_args", "processor", "resolve", "run_summary",
-    "store_path",
+    "launch_info", "store_path", "table", "with_inputs",
 ]
 
 _FILES: dict[str, ModuleType] = {}
@@ -170,6 +170,47 @@ def dataset(ref: str, args: dict[str, Any], verbose: bool = False) -> Any:
             f"`__getitem__` (a torch Dataset, a list, ...)"
         )
     return obj
+
+
+def launch_info(target: str, factory: str | None, table: str | None, dataset_args: Iterable[str]) -> dict[str, Any]:
+    """What `nbbatch run` records to be resumed: TARGET, and FACTORY with its arguments or the ``--table`` source."""
+    if (factory is None) == (table is None):
+        raise UsageFailure("give the data once: `--dataset FACTORY` (a Dataset) or `--table SOURCE` (SQL or a file)")
+    args = list(dataset_args)
+    if table is not None and args:
+        raise UsageFailure("--dataset-arg goes with --dataset FACTORY; with --table, put parameters in the SQL")
+    launch: dict[str, Any] = {"target": normalize(target, "TARGET"), "cwd": os.getcwd()}
+    if table is not None:
+        launch["table"] = table  # resumed from cwd, so relative paths in the SQL keep their meaning
+    else:
+        launch.update({"dataset": normalize(str(factory), "FACTORY"), "dataset_args": parse_args(args)})
+    return launch
+
+
+def with_inputs(con: Any, run: str, run_id: str, query: str, columns: list[str]) -> str:
+    """``query`` (the run's outputs) joined to its input rows, for ``export --with-inputs``."""
+    from nbbatch._errors import StoreError
+    from nbbatch._store import inputs
+
+    try:
+        joined = inputs.joined_sql(con, run_id, query, columns)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    if joined is None:
+        raise UsageFailure(f"run {run!r} did not start on a table (`--table` / TableDataset), so it kept no input "
+                           f"rows; drop --with-inputs")
+    return joined
+
+
+def table(source: str) -> Any:
+    """The `TableDataset` of ``--table SOURCE``; a query that fails or a missing file is bad usage."""
+    from nbbatch._errors import InvalidDataset
+    from nbbatch._table import TableDataset
+
+    try:
+        return TableDataset(source)
+    except InvalidDataset as exc:
+        raise UsageFailure(f"--table: {exc}") from None
 
 
 def store_path(path: str | None) -> str:

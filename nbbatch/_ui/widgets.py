@@ -259,6 +259,7 @@ class WidgetReporter:
         self.title.value = (
             f"<b>nbbatch</b> run <code>{_esc(s.run_name)}</code> "
             f"<span style='color:{color};font-weight:bold'>{_esc(s.status)}</span> · {s.rows:,} samples"
+            + (f" · <i>{_esc(s.activity)}…</i>" if s.activity else "")
         )
         self.bar.value = fraction(s)
         self.bar.bar_style = _BAR_STYLES.get(s.status, "")

@@ -1,8 +1,9 @@
 """Entry point of a locally launched worker process: environment, signals, lifeline, group.
 
-The launcher keeps the write end of a control pipe. "stop" on it asks for a graceful stop at the
-next checkpoint; end-of-file means the launcher died, and the worker exits at once, so workers
-never outlive their launcher (PR_SET_PDEATHSIG would watch the forkserver, not the launcher).
+The launcher keeps the write end of a control pipe. "stop" on it, or a SIGTERM to the worker, asks
+for a graceful stop at the next checkpoint; end-of-file means the launcher died, and the worker
+exits at once, so workers never outlive their launcher (PR_SET_PDEATHSIG would watch the
+forkserver, not the launcher). SIGINT is ignored: the launcher decides what Ctrl-C means.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def worker_main(
     # The launcher decides what Ctrl-C means. Jupyter's interrupt and a terminal's Ctrl-C signal the
     # whole process group, which would also kill DataLoader workers; a session of our own avoids it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    # SLURM's preemption and container stops send SIGTERM to every process: here it asks for a stop
+    # at the next checkpoint (as the launcher's "stop" does), so the committed work is kept.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         os.setsid()
     except OSError:  # already a session leader
@@ -74,7 +79,6 @@ def worker_main(
     except OSError:
         pass
     sys.path[:] = sys_path
-    stop = threading.Event()
     threading.Thread(target=_watch_control, args=(control, stop), daemon=True, name="nbbatch-control").start()
 
     import torch

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import socket
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,7 +32,9 @@ from nbbatch._events import (
 from nbbatch._plan import Sharding
 from nbbatch._processor import TorchBatchProcessorContext, _plain, get_default_device, run_cross_slot_reduction
 from nbbatch._worker.collective import Coordinator
-from nbbatch._worker.outputs import to_columns
+from nbbatch._worker.outputs import KeyCase, to_columns
+from nbbatch._worker.segments import SegmentFailed, Segments, batch_bytes, settings
+from nbbatch._worker.state import dump_state, load_state
 
 __all__ = ["Sink", "WorkerSpec", "run_loop"]
 
@@ -67,17 +69,12 @@ class WorkerSpec:
     prior_reducer_states: tuple[tuple[int, int, tuple[bytes, ...]], ...] = ()
     run_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    output_columns: tuple[str, ...] = ()  # stored by earlier flushes/attempts, for `KeyCase`
+    attempt: int = 1  # names this attempt's output segments
 
 
 class _Fatal(Exception):
     """A fatal worker error already reported as an event; unwinds the loop."""
-
-
-def _dumps(value: Any) -> bytes:
-    try:
-        return pickle.dumps(value)
-    except Exception:
-        return bytes(cloudpickle.dumps(value))
 
 
 def _failure(rank: int, g: int | None, k: int | None, indices: range | tuple[int, ...], exc: BaseException, fatal: bool) -> BatchFailed:
@@ -133,6 +130,26 @@ def run_loop(
         sink.emit(_failure(rank, None, None, (), exc, fatal=True))
         return "failed"
     failures = 0
+    keys = KeyCase(spec.output_columns)
+    config = settings(spec.output_dir, spec.attempt)
+    segments = Segments(config, spec.run_id, spec.attempt, rank) if config is not None else None
+
+    def report(wait: bool = False) -> None:
+        """Send the events of finished segment writes (all of them, waiting, when ``wait``)."""
+        if segments is None:
+            return
+        try:
+            for event in segments.drain() if wait else segments.ready():
+                sink.emit(event)
+        except SegmentFailed as exc:
+            sink.emit(_failure(rank, None, None, (), exc, fatal=True))
+            raise _Fatal from exc
+
+    def finished(status: str) -> str:
+        report(wait=True)  # a step's outputs are committed with their segment: report every one first
+        sink.emit(WorkerFinished(rank, status, context._take_metrics(), context._use_default_storage))
+        return status
+
     skip = sharding.start_batch_idx(spec.done)
     last_checkpoint = -1
     batch_idx = skip
@@ -144,14 +161,17 @@ def run_loop(
         except Exception as exc:
             sink.emit(_failure(rank, None, None, (), exc, fatal=True))
             raise _Fatal from exc
+        report()  # a failed write of an earlier step is this rank's error, before any peer's broken collective
         stop, total_failures = coordinator.sync(check_stop and stop_requested(), failures)
         too_many = spec.max_failures is not None and total_failures > spec.max_failures
         try:
-            states = tuple(_dumps(w.per_slot_reduce()) for w in context._wrapped_reducers)
+            states = tuple(dump_state(w.per_slot_reduce()) for w in context._wrapped_reducers)
         except Exception as exc:
             sink.emit(_failure(rank, None, None, (), exc, fatal=True))
             raise _Fatal from exc
-        sink.emit(CheckpointDone(rank, step, states, context._take_metrics(), stop=stop and check_stop, failed=too_many))
+        segment = segments.seal(step) if segments is not None else False
+        sink.emit(CheckpointDone(rank, step, states, context._take_metrics(), stop=stop and check_stop, failed=too_many,
+                                 segment=segment))
         sink.flush(coordinator)
         logger.debug("Completed steps:  %d and checkpointing", step)
         return stop and check_stop, too_many
@@ -161,21 +181,29 @@ def run_loop(
             g = sharding.global_batch(rank, batch_idx)
             if g in todo_set:
                 indices = sharding.indices(g)
+                report()
                 started = time.time()
                 sink.emit(BatchStarted(rank, g, batch_idx, started))
                 context._global_batch = g
                 try:
                     batch = next(batches)
                     value = processor.process_batch(batch=batch, batch_idx=batch_idx)
-                    columns = to_columns(value, len(indices))
+                    columns = to_columns(value, len(indices), keys)
                 except Exception as exc:
                     fatal = spec.on_error == "raise"
                     context._take_metrics()
+                    if fatal:  # the steps already sealed still commit: their segments go first
+                        with suppress(_Fatal):
+                            report(wait=True)
                     sink.emit(_failure(rank, g, batch_idx, indices, exc, fatal=fatal))
                     if fatal:
                         return "failed"
                     failures += 1
                 else:
+                    keys.add(list(columns or ()))
+                    if columns and segments is not None and batch_bytes(columns) >= segments.config.inline_bytes:
+                        segments.add(g, batch_idx, indices[0], columns)
+                        columns = None  # written by this worker; only the manifest goes to the launcher
                     sink.emit(
                         BatchDone(rank, g, batch_idx, len(indices), started, time.time() - started, columns,
                                   context._take_metrics())
@@ -184,25 +212,21 @@ def run_loop(
                 stop, too_many = checkpoint(batch_idx + 1, check_stop=True)
                 last_checkpoint = batch_idx
                 if too_many:
-                    sink.emit(WorkerFinished(rank, "failed", context._take_metrics(), context._use_default_storage))
-                    return "failed"
+                    return finished("failed")
                 if stop:
                     _reduce(spec, rank, context, coordinator, sink)
-                    sink.emit(WorkerFinished(rank, "preempted", context._take_metrics(), context._use_default_storage))
-                    return "preempted"
+                    return finished("preempted")
         if batch_idx > last_checkpoint:
             _, too_many = checkpoint(sharding.iterate_length, check_stop=False)
             if too_many:
-                sink.emit(WorkerFinished(rank, "failed", context._take_metrics(), context._use_default_storage))
-                return "failed"
+                return finished("failed")
         _reduce(spec, rank, context, coordinator, sink)
         try:
             processor.on_finish()
         except Exception as exc:
             sink.emit(_failure(rank, None, None, (), exc, fatal=True))
             return "failed"
-        sink.emit(WorkerFinished(rank, "done", context._take_metrics(), context._use_default_storage))
-        return "done"
+        return finished("done")
     except _Fatal:
         return "failed"
 
@@ -228,7 +252,7 @@ def _reduce(spec: WorkerSpec, rank: int, context: TorchBatchProcessorContext, co
                     f"attempt {attempt} rank {prior_rank} stored {len(states)} reducer states but the processor "
                     f"now wraps {len(wrapped)} reducers; wrap the same reducers on every run of `run_name`"
                 )
-            prior.append([pickle.loads(s) for s in states])
+            prior.append([load_state(s) for s in states])  # the store verified their signatures
         metrics = run_cross_slot_reduction(wrapped, prior + list(gathered))
     except Exception as exc:
         sink.emit(_failure(rank, None, None, (), exc, fatal=True))

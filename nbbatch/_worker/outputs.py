@@ -5,13 +5,14 @@ Must not import DuckDB or other nbbatch layers; runs inside workers.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["RESERVED", "OutputError", "to_columns"]
+__all__ = ["RESERVED", "KeyCase", "OutputError", "to_columns"]
 
 RESERVED = frozenset({"run_id", "rank", "batch_idx", "global_batch", "sample_index"})
 
@@ -36,6 +37,7 @@ def _column(name: str, value: Any, rows: int) -> Any:
     elif isinstance(value, (list, tuple)):
         value = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in value]
         length = len(value)
+        _picklable(name, value)
     else:
         raise OutputError(
             f"output {name!r} has type {type(value).__name__}; return a tensor, numpy array or list "
@@ -46,13 +48,56 @@ def _column(name: str, value: Any, rows: int) -> Any:
             f"output {name!r} has {length} entries but the batch holds {rows} samples; return one entry "
             f"per sample (first dimension = batch length)"
         )
+    if isinstance(value, np.ndarray) and value.dtype.kind == "O":
+        _picklable(name, value)
     return value
 
 
-def to_columns(value: Any, rows: int) -> dict[str, Any] | None:
+def _picklable(name: str, value: Any) -> None:
+    """Values go to the launcher by pickle; find out inside the batch, where the error is the batch's."""
+    try:
+        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise OutputError(
+            f"output {name!r} holds a value that cannot be pickled ({type(exc).__name__}: {exc}); outputs "
+            f"are sent to the launcher and stored in DuckDB, so return numbers, strings, arrays or tensors "
+            f"(convert objects with e.g. `str(x)` or `x.tolist()`)"
+        ) from exc
+
+
+class KeyCase:
+    """Output keys known so far, by ``casefold``: DuckDB matches column names ignoring case.
+
+    Seeded with the row's key columns and the columns earlier flushes or attempts stored, so ``x``
+    next to ``X``, or ``Sample_Index``, is the batch's error rather than a silently renamed column.
+    """
+
+    def __init__(self, stored: tuple[str, ...] = ()) -> None:
+        self.known = {name.casefold(): name for name in (*sorted(RESERVED), *stored)}
+
+    def check(self, keys: list[str]) -> None:
+        """Raise `OutputError` naming both keys if two of ``keys``, or one and a known key, differ only in case."""
+        seen = dict(self.known)
+        for key in keys:
+            other = seen.setdefault(key.casefold(), key)
+            if other != key:
+                where = "a column every row carries" if other in RESERVED else "another output key of this run"
+                raise OutputError(
+                    f"output key {key!r} equals {other!r} ({where}) ignoring case; column names in DuckDB "
+                    f"ignore case, so rename one of them in `process_batch`"
+                )
+
+    def add(self, keys: list[str]) -> None:
+        """Remember the keys of a batch that succeeded."""
+        for key in keys:
+            self.known.setdefault(key.casefold(), key)
+
+
+def to_columns(value: Any, rows: int, keys: KeyCase | None = None) -> dict[str, Any] | None:
     """Columns of one batch's outputs, or None when ``process_batch`` returned None.
 
-    A tensor or array becomes column ``output``; a dict gives one column per key.
+    A tensor or array becomes column ``output``; a dict gives one column per key. ``keys`` holds
+    the keys known so far (a fresh `KeyCase` when None); it is not updated here.
     """
     if value is None:
         return None
@@ -63,11 +108,11 @@ def to_columns(value: Any, rows: int) -> dict[str, Any] | None:
             f"process_batch returned {type(value).__name__}; return None, a tensor, or a dict of "
             f"per-sample tensors/arrays/lists"
         )
-    columns: dict[str, Any] = {}
-    for name, column in value.items():
-        if not isinstance(name, str) or not name:
-            raise OutputError(f"output keys must be non-empty strings, got {name!r}")
+    for name in value:
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise OutputError(f"output keys must be non-empty strings without NUL characters, got {name!r}")
         if name in RESERVED:
             raise OutputError(f"output key {name!r} is reserved for the row's identity; rename it")
-        columns[name] = _column(name, column, rows)
+    (keys or KeyCase()).check(list(value))
+    columns = {name: _column(name, column, rows) for name, column in value.items()}
     return columns or None

@@ -69,7 +69,8 @@ def test_run_then_runs_show_export(tmp_path: pathlib.Path) -> None:
     assert fields["status"].strip() == "done"
     assert fields["rows"].strip() == "50"
     assert fields["reduced metrics"].strip() == '{"total": 1225}'
-    assert fields["output dir"].strip() == str(tmp_path / "s_outputs" / "doubles")
+    run_id = summary(store, "doubles")["run_id"]  # type: ignore[index]
+    assert fields["output dir"].strip() == str(tmp_path / "s_outputs" / str(run_id))  # by id, never by name
     launch = summary(store, "doubles")["launch"]  # type: ignore[index]
     assert launch == {"target": f"{PROCS}:Double", "dataset": f"{PROCS}:numbers", "dataset_args": {"n": 50},
                       "cwd": str(tmp_path)}

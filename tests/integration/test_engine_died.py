@@ -1,14 +1,18 @@
 """A worker killed by a signal (as the OOM killer does) ends the run with `WorkerDied` carrying where
-it died, leaves no worker behind, and the failed run resumes exactly once with reducers intact."""
+it died, leaves no worker behind, and the failed run resumes exactly once with reducers intact. A
+killed launcher takes its workers and forkserver with it."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
+import helpers
 import psutil
 import pytest
 
@@ -105,3 +109,38 @@ def test_killed_worker_fails_the_run_and_resume_completes(
     assert [v for (v,) in resumed.outputs().project("value").fetchall()] == [7 * i for i in range(N)]
     assert sorted(g for (g,) in resumed.batches().project("global_batch").fetchall()) == list(range(N // BS))
     assert resumed.reduced_metrics == {"sum": sum(range(N)), "order": list(range(N))}
+
+
+JOB = pathlib.Path(__file__).resolve().parent / "scripts" / "signal_job.py"
+
+
+def test_killed_launcher_takes_its_workers_and_forkserver_along(tmp_path: pathlib.Path) -> None:
+    """SIGKILL of the launcher (OOM killer, `kill -9`): workers see their control pipe close and leave;
+    the forkserver leaves once nobody holds its "alive" pipe. Nothing of the run is alive 5 s later."""
+    store, tag = tmp_path / "s.duckdb", helpers.new_tag()
+    env = {**os.environ, helpers.TAG: tag, "NBBATCH_TEST_SLEEP": "0.1", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, str(JOB), str(store), "killed", "200", "2"], cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def running() -> list[psutil.Process]:
+        procs = helpers.tagged(tag)
+        workers = [p for p in procs if p.pid != job.pid and "forkserver" in " ".join(p.cmdline())]
+        return procs if len(workers) >= 3 else []  # the forkserver and both workers
+
+    def committed() -> bool:
+        try:
+            return bool(nbbatch.open_run("killed", store=str(store)).counts["committed_batches"]) and bool(running())
+        except (nbbatch.RunNotFound, nbbatch.StoreError):
+            return False
+
+    try:
+        helpers.poll(committed, 90, "the run to commit")
+        job.kill()
+        job.wait(10)
+        left = helpers.leftovers(tag, None, within=5.0)
+        assert not left, f"alive 5 s after the launcher was killed: {helpers.describe(left)}"
+    finally:
+        helpers.kill_tagged(tag)
+        if job.poll() is None:
+            job.kill()
+    assert nbbatch.open_run("killed", store=str(store)).status == "interrupted"

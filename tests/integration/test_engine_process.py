@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -15,20 +16,24 @@ import pytest
 pytestmark = pytest.mark.timeout(120)
 
 PROBE = """
-import atexit, sys
+import atexit, signal, sys
+import multiprocessing.forkserver  # as in the forkserver, whose command line imports it first
 atexit.register(lambda: print("teardown ran", flush=True))  # stands for torch's atexit hooks
-g = {"__name__": "multiprocessing.forkserver" if sys.argv[1] == "forkserver" else "elsewhere"}
-exec("def main():\\n    from nbbatch._launch import forkserver as f\\n    f._exit_fast_in_forkserver()\\n", g)
-g["main"]()
-print("main done", flush=True)
+import nbbatch._launch.forkserver
+print("main done", signal.getsignal(signal.SIGTERM) is signal.SIG_IGN, flush=True)
 """
 
 
-@pytest.mark.parametrize("where,teardown", [("forkserver", False), ("caller", True)])
-def test_only_the_forkserver_skips_interpreter_teardown(where: str, teardown: bool) -> None:
-    done = subprocess.run([sys.executable, "-c", PROBE, where], capture_output=True, text=True, timeout=100)
+@pytest.mark.parametrize("where,teardown", [("forkserver", False), ("caller", True), ("someone-else", True)])
+def test_only_the_forkserver_skips_interpreter_teardown_and_sigterm(where: str, teardown: bool) -> None:
+    """Only a process spawned by `ensure_started` (marked with its parent's pid) gets the forkserver's boot."""
+    env = dict(os.environ)
+    env.pop("NBBATCH_FORKSERVER", None)
+    if where != "caller":
+        env["NBBATCH_FORKSERVER"] = str(os.getpid() if where == "forkserver" else os.getpid() + 1)
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=100, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == "main done"
+    assert done.stdout.splitlines()[0] == f"main done {not teardown}"
     assert ("teardown ran" in done.stdout) is teardown
 
 

@@ -106,6 +106,17 @@ def test_batch_inference_notebook(notebooks_dir: pathlib.Path, tmp_path: pathlib
     assert "first outputs" in text(cell_with(book, "the Run's summary"))
 
 
+def test_tables_notebook(notebooks_dir: pathlib.Path, tmp_path: pathlib.Path, kernel_name: str) -> None:
+    book = execute(notebooks_dir, "03_tables.ipynb", tmp_path, kernel_name)
+    assert text(book.cells[-1]).strip() == "64 True img_000.png"
+    assert "'path': [" in text(cell_with(book, "DataLoader(images"))  # a batch is a dict of columns
+    summary = text(cell_with(book, "GROUP BY label"))
+    assert "images" in summary and "confidence" in summary
+    with duckdb.connect(str(tmp_path / "nbbatch.duckdb"), read_only=True) as con:
+        assert coverage(con, "tables") == (64, 64, 0, 63)
+        assert con.execute("SELECT rows FROM run_inputs JOIN runs USING (run_id) WHERE name = 'tables'").fetchone() == (64,)
+
+
 def _run_cell(client: Any, code: str, timeout: float = 120) -> list[dict[str, Any]]:
     msg_id = client.execute(code)
     outputs = []

@@ -73,10 +73,12 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200; a ``?token=`` URL sets its cookie, which the redirect needs."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with opener.open(url, timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -88,13 +90,13 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 @pytest.fixture
 def serve_dashboard() -> Callable[[str], str]:
-    """Serve the dashboard of a store in this process (threaded, free port); returns its URL."""
+    """Serve the dashboard of a store in this process (threaded, free port); returns its URL with the token."""
 
     def start(store: str) -> str:
         from nbbatch._ui.dashboard import serve
 
         server = serve(store, port=0, threaded=True)
-        url = f"http://127.0.0.1:{server.port}/"
+        url = str(server.url)
         wait_http(url)
         return url
 
@@ -106,6 +108,17 @@ def cli_run_args(store: str, name: str, n: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "nbbatch", "run", f"{SLOW_RUN}:Slow", "--dataset", f"{SLOW_RUN}:numbers",
             "--dataset-arg", f"n={n}", "--batch-size", "4", "--checkpoint-interval", "2", "--processes", "2",
             "--on-error", "skip", "--max-failures", "5", "--name", name, "--store", store, "--no-progress", *extra]
+
+
+def printed_url(proc: subprocess.Popen[str], timeout: float = 90.0) -> str:
+    """The dashboard URL (with its token) that ``nbbatch dashboard`` or ``run --dashboard`` printed."""
+    import re
+
+    def find() -> str | None:
+        match = re.search(r"dashboard (?:for \S+ )?at (http://\S+)", output(proc))
+        return match.group(1) if match else None
+
+    return str(poll(find, timeout, "the dashboard URL in the output"))
 
 
 def free_port() -> int:

@@ -8,8 +8,10 @@ Playwright: live progress, reduced metrics, errors, outputs paging, Stop, and Re
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import signal
 from typing import Any
 
 import pytest
@@ -29,7 +31,7 @@ def title(page: Any) -> str:
 
 
 def status_of(page: Any) -> str | None:
-    match = re.search(r"\b(running|done|failed|preempted)\b", title(page))
+    match = re.search(r"\b(running|done|failed|preempted|interrupted)\b", title(page))
     return match.group(1) if match else None
 
 
@@ -156,3 +158,43 @@ def test_stop_preempts_and_resume_finishes_exactly_once(
     samples = stored_samples(store, "from-cli")
     assert sorted(samples) == list(range(240)), "every sample_index exactly once after stop + resume"
     assert after["reduced_metrics"] == {"total": sum(range(240))}
+
+
+N_KILLED = 800  # 200 batches of 4
+
+
+@pytest.mark.timeout(300)
+def test_an_interrupted_run_shows_so_and_its_resume_button_finishes_it(
+    tmp_path: pathlib.Path, page: Any, serve_dashboard: Any, spawn: Any
+) -> None:
+    """`nbbatch run` SIGKILLed (the OOM killer): the page says interrupted, Stop is off, Resume finishes it."""
+    store = tmp_path / "ui.duckdb"
+    url = serve_dashboard(str(store))
+    cli = spawn(cli_run_args(str(store), "oom-killed", N_KILLED), sleep=0.3)  # ~30 s: killed long before the end
+    poll(lambda: ((summary(store, "oom-killed") or {}).get("committed_batches") or 0) >= 4, 120, "4 committed batches")
+    page.goto(url)
+    select_run(page, "oom-killed")
+    poll(lambda: status_of(page) == "running", 30, "the run to show as running")
+    assert page.get_by_role("button", name="Resume").is_disabled()
+
+    os.kill(cli.pid, signal.SIGKILL)  # the launcher only; its workers go with it
+    cli.wait(timeout=30)
+    poll(lambda: status_of(page) == "interrupted", 10, "the page to show interrupted")
+    before = summary(store, "oom-killed")
+    assert before is not None and before["status"] == "interrupted" and before["committed_batches"] < 200, before
+    row = page.locator(f".nbb-run-{before['run_id']}").inner_text()
+    assert re.search(r"oom-killed\s+interrupted", row), row  # the runs table too
+    assert page.get_by_role("button", name="Stop").is_disabled()  # nobody is left to read a stop request
+
+    resume = page.get_by_role("button", name="Resume")
+    poll(lambda: resume.is_enabled(), 10, "Resume to be enabled")
+    resume.click()
+    poll(lambda: "Resuming run 'oom-killed'" in page.locator(".nbb-message").inner_text(), 30, "the resume message")
+    poll(lambda: (summary(store, "oom-killed") or {}).get("status") == "done", 180,
+         "the resumed run to finish (see resume-attempt2.log in its output dir)")
+    poll(lambda: status_of(page) == "done", 30, "the page to show done")
+    after = summary(store, "oom-killed")
+    assert after is not None and after["attempt"] == 2
+    poll(lambda: not control.resuming(str(after["run_id"])), 60, "the `nbbatch resume` process to exit")
+    assert sorted(stored_samples(store, "oom-killed")) == list(range(N_KILLED)), "every sample_index exactly once"
+    assert after["reduced_metrics"] == {"total": sum(range(N_KILLED))}

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import SLOW_RUN, cli_run_args, free_port, output, poll, wait_http
+from conftest import SLOW_RUN, cli_run_args, free_port, output, poll, printed_url, wait_http
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
 
@@ -38,15 +38,17 @@ def runs_table(page: Any) -> str:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("how", ["nbbatch dashboard", "panel serve"])
 def test_served_by_a_command(how: str, finished_store: pathlib.Path, page: Any, spawn: Any) -> None:
-    port = free_port()
-    if how == "nbbatch dashboard":
-        args = [sys.executable, "-m", "nbbatch", "dashboard", "--store", str(finished_store), "--port", str(port)]
+    if how == "nbbatch dashboard":  # --port 0: the printed URL has the real port and the token
+        server = spawn([sys.executable, "-m", "nbbatch", "dashboard", "--store", str(finished_store), "--port", "0"])
+        url = printed_url(server)
+        assert re.fullmatch(r"http://127\.0\.0\.1:(\d+)/\?token=[0-9a-f]{48}", url), url
+        assert not url.startswith("http://127.0.0.1:0/"), url
     else:
-        args = [sys.executable, "-m", "panel", "serve", str(ROOT / "dashboard" / "app.py"), "--port", str(port),
-                "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
-                "--args", "--store", str(finished_store)]
-    server = spawn(args)
-    url = f"http://127.0.0.1:{port}/" + ("app" if how == "panel serve" else "")
+        port = free_port()
+        server = spawn([sys.executable, "-m", "panel", "serve", str(ROOT / "dashboard" / "app.py"), "--port",
+                        str(port), "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
+                        "--args", "--store", str(finished_store)])
+        url = f"http://127.0.0.1:{port}/app"
     try:
         wait_http(url, timeout=90)
     except TimeoutError:
@@ -62,10 +64,9 @@ def test_served_by_a_command(how: str, finished_store: pathlib.Path, page: Any, 
 @pytest.mark.timeout(180)
 def test_cli_run_serves_its_own_dashboard(tmp_path: pathlib.Path, page: Any, spawn: Any) -> None:
     store = tmp_path / "own.duckdb"
-    port = free_port()
-    run = spawn(cli_run_args(str(store), "with-dashboard", 120, "--dashboard", "--dashboard-port", str(port)),
-                sleep=0.1)
-    url = f"http://127.0.0.1:{port}/"
+    run = spawn(cli_run_args(str(store), "with-dashboard", 120, "--dashboard", "--dashboard-port", "0"), sleep=0.1)
+    url = printed_url(run)
+    assert ":0/" not in url and "?token=" in url, url
     try:
         wait_http(url, timeout=90)
     except TimeoutError:

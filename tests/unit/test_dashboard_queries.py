@@ -15,6 +15,7 @@ import duckdb
 import pytest
 
 from nbbatch._store.connection import StoreOpenError, open_store
+from nbbatch._store.lock import WriterLock
 from nbbatch._ui.dashboard import control, queries, views
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,8 +63,15 @@ def test_running_run_rate_eta_and_duration(tmp_path: pathlib.Path) -> None:
         con.execute("INSERT INTO progress_log VALUES (?, 1, ?, 0, ?, 0)", [bench.RUN_ID, t0 + dt.timedelta(seconds=t), rows])
     con.close()
     now = (t0 + dt.timedelta(seconds=30)).replace(tzinfo=dt.timezone.utc).timestamp()
+    lock = WriterLock(path)  # a live writer: without one, a `running` row reads as interrupted
+    try:
+        with open_store(path, write=False) as cursor:
+            (row,) = queries.runs(cursor, now)
+    finally:
+        lock.release()
     with open_store(path, write=False) as cursor:
-        (row,) = queries.runs(cursor, now)
+        (gone,) = queries.runs(cursor, now)
+    assert gone["status"] == "interrupted" and gone["eta_s"] is None
     assert row["status"] == "running"
     assert row["items_per_s"] == pytest.approx(12.8)  # the last 15 s of the log: (256 - 128) / 10 s
     assert row["done_batches"] == 4 and row["progress"] == pytest.approx(40.0)
@@ -123,15 +131,16 @@ def test_resume_rules() -> None:
     base = {"run_id": "ab", "name": "r", "attempt": 1}
     assert control.resume_blocker({**base, "status": "running"}) is None
     assert not control.can_resume({**base, "status": "running"})
-    assert "only failed or preempted" in str(control.resume_blocker({**base, "status": "done"}))
+    assert "only failed, preempted or interrupted" in str(control.resume_blocker({**base, "status": "done"}))
     note = control.resume_blocker({**base, "status": "preempted", "launch": None})
     assert note is not None and "defined in a notebook" in note and "run_name='r'" in note
     launch = {"target": "/x/p.py:P", "dataset": "/x/p.py:ds", "dataset_args": {}}
     assert control.can_resume({**base, "status": "failed", "launch": launch})
+    assert control.can_resume({**base, "status": "interrupted", "launch": launch})
     with pytest.raises(ValueError, match="no launch info"):
         control.resume("s.duckdb", {**base, "status": "failed", "launch": None})
     cmd = control.resume_command("s.duckdb", "r")
-    assert cmd[:5] == [sys.executable, "-m", "nbbatch", "resume", "r"] and cmd[5] == "--store"
+    assert cmd[:5] == [sys.executable, "-m", "nbbatch", "resume", "--store"] and cmd[-2:] == ["--", "r"]
 
 
 def test_refresh_keeps_last_data_when_the_store_is_locked(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +171,9 @@ def test_serve_answers_on_localhost(store: str) -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=5) as response:
+                request = urllib.request.Request(f"http://127.0.0.1:{server.port}/",
+                                                 headers={"Authorization": f"token {server.access.token}"})
+                with urllib.request.urlopen(request, timeout=5) as response:
                     assert response.status == 200 and b"nbbatch" in response.read()
                     break
             except OSError:

@@ -36,3 +36,25 @@ def test_determined_names_import() -> None:
 def test_unknown_name_is_attribute_error() -> None:
     with pytest.raises(AttributeError):
         nbbatch.does_not_exist  # noqa: B018
+
+
+def test_table_dataset_is_public_and_pickles_by_its_public_name() -> None:
+    import pickle
+
+    assert "TableDataset" in nbbatch.__all__
+    ds = nbbatch.TableDataset("SELECT range AS x FROM range(3) ORDER BY x")
+    assert pickle.loads(pickle.dumps(ds))[2] == {"x": 2}
+    assert b"nbbatch" in pickle.dumps(ds) and b"_table" not in pickle.dumps(ds)
+
+
+def test_status_is_public_and_compares_as_a_plain_string() -> None:
+    import json
+    import pickle
+
+    assert "Status" in nbbatch.__all__
+    assert [s.value for s in nbbatch.Status] == ["running", "done", "failed", "preempted", "interrupted"]
+    done = nbbatch.Status("done")
+    assert done == "done" and str(done) == "done" and f"{done}" == "done" and json.dumps(done) == '"done"'
+    assert "interrupted" in {nbbatch.Status.INTERRUPTED} and nbbatch.Status.INTERRUPTED.resumable
+    assert not nbbatch.Status.DONE.resumable and not nbbatch.Status.RUNNING.resumable
+    assert pickle.loads(pickle.dumps(done)) is done

@@ -19,11 +19,13 @@ FORBIDDEN = {
     "nbbatch._worker": ("nbbatch._store", "nbbatch._launch", "nbbatch._ui", "nbbatch._api", "nbbatch._run"),
     "nbbatch._plan": ("nbbatch.",),
     "nbbatch._events": ("nbbatch.",),
+    "nbbatch._rows": ("nbbatch.",),
     "nbbatch._errors": ("nbbatch.",),
     "nbbatch._progress": ("nbbatch._store", "nbbatch._launch", "nbbatch._worker", "nbbatch._ui", "nbbatch._api"),
     "nbbatch._processor": ("nbbatch._store", "nbbatch._launch", "nbbatch._ui", "nbbatch._api", "nbbatch._run"),
     "nbbatch._run": ("nbbatch._launch", "nbbatch._worker", "nbbatch._ui", "nbbatch._api"),
     "nbbatch._launch": ("nbbatch._ui", "nbbatch._api"),
+    "nbbatch._table": ("nbbatch._launch", "nbbatch._worker", "nbbatch._ui", "nbbatch._api", "nbbatch._run"),
     "nbbatch._ui": ("nbbatch._launch", "nbbatch._worker", "nbbatch._store.writer"),
 }
 

@@ -1,8 +1,14 @@
-"""The store writer and reader on a tmp DuckDB file: runs, atomic commits, output column types, lock."""
+"""The store writer and reader on a tmp DuckDB file: runs, atomic commits, output column types, lock,
+and `interrupted` runs (a `running` row whose writer lock nobody holds)."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 import duckdb
@@ -11,7 +17,8 @@ import pytest
 
 import nbbatch
 from nbbatch import ResumeMismatch, StoreBusy
-from nbbatch._events import BatchDone, BatchFailed, MetricRecord
+from nbbatch._events import BatchDone, BatchFailed, MetricRecord, Status
+from nbbatch._store.lock import WriterLock, writer_alive
 from nbbatch._store.writer import Commit, ProgressRow, RunSpec, StoreWriter
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,7 +62,7 @@ def test_new_run_commits_and_reads_back_with_types(tmp_path: pathlib.Path) -> No
     try:
         record = writer.begin(spec(tmp_path))
         assert record.status == "running" and record.done == frozenset() and record.attempt == 1
-        assert record.output_dir == str(tmp_path / "out" / "r")
+        assert record.output_dir == str(tmp_path / "out" / record.run_id)  # by id: names never become paths
         metric = MetricRecord("eval", 3, (("loss", 0.5), ("tags", ["x", "y"])), 1000.0)
         writer.commit(record, commit_of(done(0, columns(0), (metric,)), done(1, columns(1))))
         writer.commit(record, commit_of(done(2, columns(2)), done(3, None)))
@@ -170,3 +177,199 @@ def test_reader_errors(tmp_path: pathlib.Path) -> None:
     with pytest.raises(nbbatch.RunNotFound, match="the store has no runs yet"):
         nbbatch.open_run("x", store=str(store))
     assert nbbatch.list_runs(store=str(store)) == []
+
+
+# -- interrupted runs and the writer lock (nbbatch/_store/lock.py) ------------------------------
+
+HOLDER = """
+import sys
+from nbbatch._store.writer import RunSpec, StoreWriter
+spec = RunSpec(name="live", processor="tests.P", dataset_len=8, batch_size=2, max_batches=None, checkpoint_interval=1,
+               world_size=1, planned_batches=4, real_batches=4, on_error="raise", max_failures=None,
+               output_root=sys.argv[2], launch=None, config={})
+writer = StoreWriter(sys.argv[1])
+writer.begin(spec)
+print("ready", flush=True)
+sys.stdin.read()  # holds the lock until killed
+"""
+
+
+def start_holder(tmp_path: pathlib.Path, store: pathlib.Path) -> subprocess.Popen[str]:
+    """Another process that begins run 'live' and keeps holding the store's writer lock."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(store), str(tmp_path / "out")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def raw_status(store: pathlib.Path, name: str) -> tuple[str, str | None]:
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        row = con.execute("SELECT status, error FROM runs WHERE name = ?", [name]).fetchone()
+    finally:
+        con.close()
+    assert row is not None
+    return row[0], row[1]
+
+
+def test_a_running_row_without_a_lock_holder_reads_as_interrupted(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    writer = StoreWriter(str(store))
+    record = writer.begin(spec(tmp_path, name="gone"))
+    progress = Commit(progress=[ProgressRow(0, 1, 2, 0, 3, 1, "running")])
+    writer.commit(record, progress)
+    assert nbbatch.open_run("gone", store=str(store)).status == "running"  # the writer of this process holds it
+    writer.close()  # the launcher vanishes without `finish`: the row still says running
+
+    assert raw_status(store, "gone") == ("running", None)
+    run = nbbatch.open_run("gone", store=str(store))
+    assert run.status is Status.INTERRUPTED and run.status == "interrupted"
+    assert "ended without marking the run" in (run.error or "") and "run_name='gone'" in (run.error or "")
+    assert run.summary["finished_at"] == run.summary["updated_at"]
+    assert [r.status for r in nbbatch.list_runs(store=str(store))] == ["interrupted"]
+    started = time.monotonic()
+    assert run.wait() is run and time.monotonic() - started < 1.0
+
+    from nbbatch._store import reader
+    from nbbatch._ui.dashboard import queries
+
+    with reader.reading(str(store)) as con:
+        row = queries.runs(con, time.time())[0]
+        assert row["status"] == "interrupted" and row["eta_s"] is None
+        assert [w["status"] for w in queries.workers(con, record.run_id, record.attempt, row["status"])] == ["interrupted"]
+
+
+def test_a_live_holder_in_another_process_keeps_its_run_running(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    holder = start_holder(tmp_path, store)
+    try:
+        assert writer_alive(str(store)) is True
+        assert nbbatch.open_run("live", store=str(store)).status == "running"
+        assert [r.status for r in nbbatch.list_runs(store=str(store))] == ["running"]
+    finally:
+        holder.kill()  # SIGKILL: no `finish`, no `close`
+        holder.communicate(timeout=30)
+    assert writer_alive(str(store)) is False
+    assert nbbatch.open_run("live", store=str(store)).status == "interrupted"
+
+
+def test_the_next_writer_records_interrupted_runs_and_resumes_them(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    first = StoreWriter(str(store))
+    record = first.begin(spec(tmp_path, name="a"))
+    first.commit(record, Commit(progress=[ProgressRow(0, 1, 2, 0, 3, 1, "running")]))
+    first.close()
+
+    second = StoreWriter(str(store))
+    try:
+        second.begin(spec(tmp_path, name="b"))
+        status, error = raw_status(store, "a")
+        assert status == "interrupted" and "ended without marking the run" in (error or "")
+        assert nbbatch.open_run("a", store=str(store)).status == "interrupted"
+        assert nbbatch.open_run("b", store=str(store)).status == "running"
+    finally:
+        second.close()
+
+    third = StoreWriter(str(store))
+    try:
+        resumed = third.begin(spec(tmp_path, name="a"))
+        assert resumed.status == "running" and resumed.attempt == 2
+        run = nbbatch.open_run("a", store=str(store))
+        assert run.status == "running" and run.error is None
+        assert raw_status(store, "b")[0] == "interrupted"  # recorded by this writer's `begin`
+    finally:
+        third.close()
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        assert con.execute("SELECT status FROM progress WHERE run_id = ?", [record.run_id]).fetchall() == [
+            ("interrupted",)
+        ]
+    finally:
+        con.close()
+
+
+def test_querying_the_lock_never_makes_a_starting_writer_busy(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    WriterLock(str(store)).release()
+    stop = tmp_path / "stop"
+    code = ("import os, sys\nfrom nbbatch._store.lock import writer_alive\nn = 0\nprint('go', flush=True)\n"
+            "while not os.path.exists(sys.argv[2]):\n    writer_alive(sys.argv[1]); n += 1\nprint(n)")
+    reader = subprocess.Popen([sys.executable, "-c", code, str(store), str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "go"
+        for _ in range(300):  # a reader that took the lock to test it would make some of these fail
+            WriterLock(str(store)).release()
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=30)
+    assert int(out.strip()) > 100, "the reader kept querying the lock meanwhile"
+
+
+def test_a_forked_child_does_not_keep_a_dead_writers_lock(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    code = ("import os, sys, time\nfrom nbbatch._store.lock import WriterLock\nlock = WriterLock(sys.argv[1])\n"
+            "pid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(pid, flush=True)\ntime.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    with parent.stdout:  # the child holds the pipe open too: read the pid line only
+        child = int(parent.stdout.readline())
+    try:
+        assert writer_alive(str(store)) is True
+        parent.kill()
+        parent.wait(timeout=30)
+        os.kill(child, 0)  # still alive, holding a copy of the lock's descriptor had it not closed it
+        assert writer_alive(str(store)) is False
+    finally:
+        os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.wait(timeout=30)
+
+
+def test_the_lock_file_is_never_followed_through_a_symlink(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    before = victim.stat()
+    os.symlink(victim, str(store) + ".lock")
+    with pytest.raises(nbbatch.StoreError, match=r"is a symbolic link; nbbatch does not follow it .*`rm "):
+        StoreWriter(str(store))
+    assert victim.read_text() == "precious\n" and victim.stat().st_mtime_ns == before.st_mtime_ns
+    assert writer_alive(str(store)) is False
+
+
+def test_the_lock_file_is_never_truncated_nor_written_unless_it_is_ours(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    lock = pathlib.Path(str(store) + ".lock")
+    lock.write_text("not a lock file\n" * 40)  # e.g. planted, or a file of the user's
+    writer = StoreWriter(str(store))
+    try:
+        writer.begin(spec(tmp_path, name="live"))
+        with pytest.raises(StoreBusy, match=r"in use by a live run \(another process\)"):
+            StoreWriter(str(store))
+    finally:
+        writer.close()
+    assert lock.read_text() == "not a lock file\n" * 40
+
+    lock.unlink()
+    (tmp_path / "other").touch()
+    os.link(tmp_path / "other", lock)  # empty, but with a second name elsewhere: not ours to write
+    StoreWriter(str(store)).close()
+    assert lock.read_bytes() == b"" == (tmp_path / "other").read_bytes()
+
+    lock.unlink()
+    lock.write_text("run 'old', pid 12 on somehost")  # what earlier versions wrote: updated in place
+    writer = StoreWriter(str(store))
+    try:
+        writer.begin(spec(tmp_path, name="new"))
+        text = lock.read_text()
+        assert text.startswith("nbbatch writer lock\nrun 'new', pid ") and len(text) == 256
+    finally:
+        writer.close()
+
+
+def test_a_lock_path_that_is_not_a_file_is_refused(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    os.mkfifo(str(store) + ".lock")  # opening a FIFO could block: it must not
+    with pytest.raises(nbbatch.StoreError, match="is not a regular file"):
+        StoreWriter(str(store))
+    assert writer_alive(str(store)) is False

@@ -24,7 +24,8 @@ from bokeh.plotting import figure
 
 from nbbatch._errors import NbbatchError
 from nbbatch._store.connection import StoreOpenError, open_store
-from nbbatch._ui.dashboard import control, queries, views
+from nbbatch._ui.dashboard import control, queries, values, views
+from nbbatch._ui.dashboard.auth import Access, Rights
 
 __all__ = ["Dashboard", "build"]
 
@@ -63,10 +64,16 @@ class Dashboard:
         store: path of the DuckDB store.
         run: name or id of the run to show first (default: the newest).
         page_size: rows per page of the outputs preview.
+        full_links: link clipped values to their full text (`values.FullValueHandler` serves them).
+        rights: what this session may do (default: everything, as in a notebook); Stop and Resume
+            check ``rights.control`` themselves, whatever the browser sends.
     """
 
-    def __init__(self, store: str, run: str | None = None, page_size: int = 20) -> None:
+    def __init__(self, store: str, run: str | None = None, page_size: int = 20, rights: Rights | None = None,
+                 full_links: bool = False) -> None:
         self.store = os.path.abspath(store)
+        self.rights = rights or Rights(True, True)
+        self.full_links = full_links  # served by `serve`, which answers the links at `values.PATH`
         self.run_id: str | None = None
         self._wanted = run
         self.page = 0
@@ -80,7 +87,10 @@ class Dashboard:
 
         self.header = pn.pane.HTML(
             f"<h2 style='margin:0'>nbbatch dashboard</h2><span class='nbb-muted'>store: "
-            f"<code>{html.escape(self.store)}</code></span>", sizing_mode="stretch_width")
+            f"<code>{html.escape(self.store)}</code></span>"
+            + ("" if self.rights.control else
+               f" <span class='nbb-readonly nbb-muted'>· read-only: {html.escape(self.rights.reason)}</span>"),
+            sizing_mode="stretch_width")
         self.status_line = pn.pane.HTML("loading…", css_classes=["nbb-refresh"], sizing_mode="stretch_width")
         self.runs_pane = pn.pane.HTML("", css_classes=["nbb-runs-pane"], sizing_mode="stretch_width")
         self.run_select = pn.widgets.Select(name="Run", options={}, width=320, css_classes=["nbb-run-select"])
@@ -165,7 +175,7 @@ class Dashboard:
             if run_id is None:
                 return data
             data["detail"] = detail = queries.run_detail(con, run_id)
-            data["workers"] = queries.workers(con, run_id, int(detail["attempt"] or 0))
+            data["workers"] = queries.workers(con, run_id, int(detail["attempt"] or 0), detail["status"])
             data["throughput"] = queries.throughput(con, run_id)
             data["metrics"] = queries.metric_series(con, run_id)
             data["errors"] = queries.errors(con, run_id)
@@ -204,25 +214,29 @@ class Dashboard:
             f"<span class='nbb-muted' style='font-size:14px'>{row.get('progress', 0):.0f}% · "
             f"{detail['done_batches']}/{detail['real_batches']} batches · {detail['committed_rows']} rows stored"
             f"</span></h3>"))
-        self._set(self.stop_button, detail["status"] != "running", "disabled")
-        self._set(self.resume_button, not control.can_resume(detail), "disabled")
-        blocker = control.resume_blocker(detail) if detail["status"] in ("failed", "preempted") else None
+        live = detail["status"] in control.STOPPABLE  # an interrupted run has nobody to read a stop request
+        self._set(self.stop_button, not live or not self.rights.control, "disabled")
+        self._set(self.resume_button, not (control.can_resume(detail, self.store) and self.rights.control),
+                  "disabled")
+        blocker = control.resume_blocker(detail, self.store) if detail["status"] in control.RESUMABLE else None
         shown = str(self.message.object or "")
         if blocker and "nbb-resume-started" not in shown:  # "Resuming run ..." stays until the next action
             self._say(f"<span class='nbb-resume-note nbb-muted'>Resume: {html.escape(blocker)}</span>")
-        elif (not blocker and "nbb-resume-note" in shown) or (detail["status"] != "running" and "nbb-stop-note" in shown):
+        elif (not blocker and "nbb-resume-note" in shown) or (not live and "nbb-stop-note" in shown):
             self._say("")  # the note no longer applies
         self._set(self.workers_pane, views.workers_html(data["workers"], detail["attempt"]))
         self._set(self.reduced_pane, views.reduced_html(detail.get("reduced_metrics")))
-        self._set(self.errors_pane, views.errors_html(*data["errors"]))
-        self._set(self.config_pane, views.fingerprint_html(detail))
+        link = values.value_url(str(detail["run_id"])) if self.full_links else None
+        error_count, newest_errors = data["errors"]
+        self._set(self.errors_pane, views.errors_html(error_count, newest_errors, value_url=link))
+        self._set(self.config_pane, views.fingerprint_html(detail, value_url=link))
         if "outputs" in data:
             total, columns, rows = data["outputs"]
             pages = max(1, -(-total // self.page_size))
             first = self.page * self.page_size
             self._set(self.page_label, f"<span class='nbb-page'>rows {first + 1 if rows else 0}–{first + len(rows)} "
                                        f"of {total:,} (page {self.page + 1} of {pages})</span>")
-            self._set(self.outputs_pane, views.outputs_html(columns, rows))
+            self._set(self.outputs_pane, views.outputs_html(columns, rows, value_url=link))
             self._set(self.prev_button, self.page <= 0, "disabled")
             self._set(self.next_button, self.page + 1 >= pages, "disabled")
         self._plots(data["throughput"], data["metrics"])
@@ -263,8 +277,16 @@ class Dashboard:
         self._outputs_key = None
         self.refresh()
 
+    def _refused(self) -> bool:
+        """Stop and Resume act only for a session with control rights, whatever the browser sent."""
+        if self.rights.control:
+            return False
+        log.warning("nbbatch dashboard: refused Stop/Resume from a session without control rights")
+        self._say(f"<span class='nbb-refused'>Refused: {html.escape(self.rights.reason)}</span>")
+        return True
+
     def _on_stop(self, event: Any) -> None:
-        if self.run_id is None:
+        if self.run_id is None or self._refused():
             return
         try:
             text = control.stop(self.store, self.run_id)
@@ -274,7 +296,7 @@ class Dashboard:
         self.stop_button.disabled = True
 
     def _on_resume(self, event: Any) -> None:
-        if self.detail is None:
+        if self.detail is None or self._refused():
             return
         try:
             text = control.resume(self.store, self.detail)
@@ -284,9 +306,29 @@ class Dashboard:
         self.resume_button.disabled = True
 
 
-def build(store: str, run: str | None = None, period_ms: int = 1000) -> pn.viewable.Viewable:
-    """The dashboard's layout for one session, refreshing every ``period_ms``."""
-    board = Dashboard(store, run=run)
+def session_rights(access: Access | None) -> Rights:
+    """What the current session may do: everything in a notebook (the kernel's own user); in a
+    served session, what ``access`` grants the request that created it (read-only on loopback
+    where no policy was given, e.g. ``layout.show()``)."""
+    context = pn.state.curdoc.session_context if pn.state.curdoc is not None else None
+    request = getattr(context, "request", None)
+    if request is None:
+        return Rights(True, True)
+    return (access or Access()).session_rights(
+        dict(request.headers or {}), dict(request.cookies or {}), dict(request.arguments or {}), pn.state.user)
+
+
+def build(store: str, run: str | None = None, period_ms: int = 1000, access: Access | None = None,
+          full_links: bool = False) -> pn.viewable.Viewable:
+    """The dashboard's layout for one session, refreshing every ``period_ms``.
+
+    ``access`` is the served dashboard's policy (`auth.Access`); a session it does not allow to
+    see the runs gets a one-line refusal and reads nothing. ``full_links``: see `Dashboard`.
+    """
+    rights = session_rights(access)
+    if not rights.view:
+        return pn.pane.HTML(f"<p class='nbb-refused'>nbbatch dashboard: {html.escape(rights.reason)}</p>")
+    board = Dashboard(store, run=run, rights=rights, full_links=full_links)
     board.start(period_ms)
     board.layout._nbbatch_dashboard = board  # type: ignore[attr-defined]  # reachable for tests and notebooks
     return board.layout

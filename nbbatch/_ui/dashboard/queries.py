@@ -2,8 +2,8 @@
 
 Each function takes a short-lived cursor (the caller opens the store for one refresh and closes
 it) and returns lists of dicts, so the views and the benchmark share exactly these queries. All
-values are bound parameters; the only table name spliced into SQL comes from
-``schema.outputs_table``. Series are bucketed in SQL so a long run never ships more than a few
+values are bound parameters; the only SQL spliced in is the outputs view from
+``reader.outputs_sql``. Series are bucketed in SQL so a long run never ships more than a few
 hundred points per plot. Must not import Panel, ``_launch``, ``_worker`` or ``_store.writer``.
 """
 
@@ -16,14 +16,19 @@ from typing import Any
 
 import duckdb
 
-from nbbatch._store import reader
-from nbbatch._store.schema import KEY_COLUMNS, outputs_table
+from nbbatch._errors import StoreError
+from nbbatch._events import Status
+from nbbatch._store import inputs, reader
+from nbbatch._store.schema import KEY_COLUMNS
+from nbbatch._store.sql import ident
 
 __all__ = [
-    "MAX_POINTS", "RATE_WINDOW_S", "errors", "metric_series", "outputs_page", "pretty_json", "run_detail", "runs",
-    "throughput", "workers",
+    "MAX_POINTS", "RATE_WINDOW_S", "TEXT_CHARS", "errors", "metric_series", "outputs_page", "pretty_json",
+    "run_detail", "runs", "throughput", "workers",
 ]
 
+#: Longest error message or traceback text read per refresh (views show less; the rest is a click away).
+TEXT_CHARS = 20_000
 #: Most points per plotted series; longer series are averaged into this many buckets.
 MAX_POINTS = 400
 #: Seconds of ``progress_log`` behind the live items/s of a running run.
@@ -82,7 +87,8 @@ def runs(con: duckdb.DuckDBPyConnection, now: float) -> list[dict[str, Any]]:
         started, finished = _epoch(s["started_at"]), _epoch(s["finished_at"])
         rate: float | None = None
         rows_now, rows_then, span, attempt_seconds = rates.get(s["run_id"], (None, None, None, None))
-        if s["status"] == "running":
+        live = s["status"] == Status.RUNNING
+        if live:
             if rows_now is not None and rows_then is not None and span and span > 0:
                 rate = (rows_now - rows_then) / span
         elif rows_now and attempt_seconds and attempt_seconds > 0:
@@ -91,11 +97,11 @@ def runs(con: duckdb.DuckDBPyConnection, now: float) -> list[dict[str, Any]]:
         if s["dataset_len"] is not None:
             remaining = min(remaining, max(0, int(s["dataset_len"]) - int(s["committed_rows"] or 0)))
         eta = None
-        if s["status"] == "running" and rate and rate > 0:
+        if live and rate and rate > 0:
             eta = remaining / rate
-        elif s["status"] == "done":
+        elif s["status"] == Status.DONE:
             eta = 0.0
-        end = finished if finished is not None and s["status"] != "running" else now
+        end = finished if finished is not None and not live else now  # interrupted: the last sign of life
         out.append({
             "run_id": s["run_id"], "name": s["name"], "status": s["status"],
             "progress": 100.0 if total == 0 else min(100.0, 100.0 * (done + failed) / total),
@@ -114,15 +120,25 @@ def run_detail(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
     return summary
 
 
-def workers(con: duckdb.DuckDBPyConnection, run_id: str, attempt: int) -> list[dict[str, Any]]:
-    """Live counters of each worker in the run's current attempt."""
+def workers(con: duckdb.DuckDBPyConnection, run_id: str, attempt: int, status: str | None = None) -> list[dict[str, Any]]:
+    """Live counters of each worker in the run's current attempt.
+
+    Args:
+        status: the run's status as `run_detail` reports it; workers of an ``interrupted`` run
+            still marked ``running`` are shown ``interrupted`` (they went with their launcher).
+    """
     cur = con.execute(
         "SELECT rank, batches, todo, rows, failed, current_batch, status, updated_at FROM progress "
         "WHERE run_id = ? AND attempt = ? ORDER BY rank",
         [run_id, attempt],
     )
     names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
+    rows = [dict(zip(names, row)) for row in cur.fetchall()]
+    if status == Status.INTERRUPTED:
+        for row in rows:
+            if row["status"] == Status.RUNNING:
+                row["status"] = Status.INTERRUPTED
+    return rows
 
 
 def throughput(con: duckdb.DuckDBPyConnection, run_id: str, points: int = MAX_POINTS) -> list[dict[str, Any]]:
@@ -199,10 +215,13 @@ def metric_series(
 def errors(con: duckdb.DuckDBPyConnection, run_id: str, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
     """How many errors the run recorded, and the newest ``limit`` with tracebacks."""
     total = con.execute("SELECT count(*) FROM errors WHERE run_id = ?", [run_id]).fetchone()
+    # Texts are cut in SQL: this runs every refresh, and a 2 MB traceback would cross each time.
+    # `error_id` (the row's id) fetches the whole text on demand (`values.full_value`).
     cur = con.execute(
-        "SELECT attempt, rank, global_batch, batch_idx, indices, exc_type, message, traceback, fatal, occurred_at "
-        "FROM errors WHERE run_id = ? ORDER BY occurred_at DESC LIMIT ?",
-        [run_id, limit],
+        "SELECT attempt, rank, global_batch, batch_idx, indices, exc_type, left(message, ?) AS message, "
+        "length(message) AS message_len, left(traceback, ?) AS traceback, length(traceback) AS traceback_len, "
+        "fatal, occurred_at, rowid AS error_id FROM errors WHERE run_id = ? ORDER BY occurred_at DESC LIMIT ?",
+        [TEXT_CHARS, TEXT_CHARS, run_id, limit],
     )
     names = [d[0] for d in cur.description]
     return int(total[0] if total else 0), [dict(zip(names, row)) for row in cur.fetchall()]
@@ -225,16 +244,16 @@ def outputs_page(
 ) -> tuple[int, list[str], list[tuple[Any, ...]]]:
     """One page of the run's outputs in ``sample_index`` order: ``(total rows, columns, rows)``.
 
+    For a run over a `TableDataset` the page's input rows are joined in (``inputs.joined_sql``).
     The page starts at the ``page * page_size``-th smallest ``sample_index``: computed when the
     indices have no gaps, else found by a top-N over that one column; then ``page_size`` full rows
     are read from there (zone maps skip most row groups), instead of an OFFSET over every column.
     """
-    table = outputs_table(run_id)
-    exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchone()
-    if not exists or not exists[0]:
-        return 0, list(KEY_COLUMNS), []
+    table = f"({reader.outputs_sql(con, run_id)}) AS o"  # committed segments and inline rows alike
     counted = con.execute(f"SELECT count(*), min(sample_index), max(sample_index) FROM {table}").fetchone()
     total, lo, hi = (int(counted[0]), int(counted[1] or 0), int(counted[2] or 0)) if counted else (0, 0, 0)
+    if not total:
+        return 0, list(KEY_COLUMNS), []
     columns = list(reader.outputs_relation(con, run_id).columns)
     offset = max(0, page) * page_size
     if offset >= total:
@@ -242,13 +261,24 @@ def outputs_page(
     if hi - lo + 1 == total:
         start = lo + offset  # no gaps (nothing skipped): the page starts at a known index
     else:
-        found = con.execute(f"SELECT sample_index FROM {table} ORDER BY sample_index LIMIT 1 OFFSET ?", [offset]).fetchone()
+        found = con.execute(
+            f"SELECT sample_index FROM {table} ORDER BY sample_index LIMIT 1 OFFSET ?", [offset]
+        ).fetchone()
         start = found[0] if found else lo
-    quoted = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
-    rows = con.execute(
-        f"SELECT {quoted} FROM {table} WHERE sample_index >= ? ORDER BY sample_index LIMIT ?", [start, page_size]
-    ).fetchall()
-    return total, columns, [tuple(_cell(v) for v in row) for row in rows]
+    quoted = ", ".join(ident(c) for c in columns)
+    sql = f"SELECT {quoted} FROM {table} WHERE sample_index >= ? ORDER BY sample_index LIMIT ?"
+    sql = _with_inputs(con, run_id, sql, columns) or sql
+    cur = con.execute(sql, [start, page_size])
+    columns = [d[0] for d in cur.description]
+    return total, columns, [tuple(_cell(v) for v in row) for row in cur.fetchall()]
+
+
+def _with_inputs(con: duckdb.DuckDBPyConnection, run_id: str, page: str, columns: list[str]) -> str | None:
+    """The page joined to its input rows, for a run over a `TableDataset` (None otherwise, or without its snapshot)."""
+    try:
+        return inputs.joined_sql(con, run_id, page, columns, with_keys=True)
+    except StoreError:  # the snapshot file was removed: the outputs alone are still worth showing
+        return None
 
 
 def pretty_json(value: Any) -> str:

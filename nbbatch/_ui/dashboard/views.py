@@ -1,25 +1,33 @@
 """HTML for the dashboard's tables and panels, from the plain values ``queries`` returns.
 
 Pure functions (no Panel, no store), so they are tested without a browser. Every value from the
-store is escaped: run names, messages and tracebacks are user text. Must not import Panel.
+store is escaped: run names, messages and tracebacks are user text. Long values (string
+outputs, tracebacks, messages, config) are clipped by `clip`: the first characters, a fold with
+a bounded prefix, and a link to the full value where the dashboard is served, so a page of
+multi-MB strings stays a few KB. Must not import Panel.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import html
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nbbatch._events import Status
 from nbbatch._progress import format_duration
 from nbbatch._ui.dashboard.queries import pretty_json
 
 __all__ = [
-    "STYLE", "errors_html", "fingerprint_html", "outputs_html", "reduced_html", "runs_html", "status_badge",
-    "workers_html",
+    "CELL_CHARS", "FOLD_CHARS", "STYLE", "clip", "errors_html", "fingerprint_html", "outputs_html", "reduced_html",
+    "runs_html", "status_badge", "workers_html",
 ]
 
-_COLORS = {"running": "#1f77b4", "done": "#2ca02c", "failed": "#d62728", "preempted": "#ff7f0e"}
+_COLORS: dict[str, str] = {
+    Status.RUNNING: "#1f77b4", Status.DONE: "#2ca02c", Status.FAILED: "#d62728", Status.PREEMPTED: "#ff7f0e",
+    Status.INTERRUPTED: "#9467bd",
+}
 
 STYLE = """
 <style>
@@ -33,12 +41,60 @@ STYLE = """
 .nbb-error summary { cursor: pointer; }
 .nbb-error pre { background: #fbf3f3; padding: 6px; font-size: 12px; white-space: pre-wrap; }
 .nbb-muted { color: #777; }
+.nbb-long summary { cursor: pointer; }
+.nbb-long pre { white-space: pre-wrap; max-height: 320px; max-width: 900px; overflow: auto; font-size: 12px; }
 </style>
 """
 
 
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value))
+
+
+#: Characters of a value shown in a table cell or summary line before it folds.
+CELL_CHARS = 120
+#: Most characters a fold holds; the rest is behind the full-value link.
+FOLD_CHARS = 20_000
+
+def clip(value: Any, limit: int = CELL_CHARS, fold: int = FOLD_CHARS, full_url: str | None = None,
+         total: int | None = None) -> str:
+    """``value`` as escaped HTML, at most ``limit`` characters plus a fold of at most ``fold``.
+
+    Args:
+        value: the value (``str()`` of it is shown).
+        limit: characters shown before the fold.
+        fold: characters the fold shows when opened.
+        full_url: a link to the whole value (served dashboards), else a hint where to read it.
+        total: the value's full length, where ``value`` is already a prefix of it.
+    """
+    text = "" if value is None else str(value)
+    length = max(len(text), total or 0)
+    if length <= limit:
+        return html.escape(text)
+    rest = length - min(len(text), fold)
+    more = f"<br><span class='nbb-muted'>… {rest:,} more characters</span>" if rest > 0 else ""
+    full = (f' <a class="nbb-full" href="{html.escape(full_url)}" target="_blank" rel="noopener">full value</a>'
+            if full_url else "")
+    return (f'<details class="nbb-long"><summary>{html.escape(text[:limit])}… <span class="nbb-muted">'
+            f"({length:,} characters)</span></summary><pre>{html.escape(text[:fold])}</pre>{more}{full}</details>")
+
+
+def _block(value: Any, cls: str = "", limit: int = FOLD_CHARS, full_url: str | None = None,
+           total: int | None = None) -> str:
+    """A ``<pre>`` of at most ``limit`` characters, then how much is left and the full-value link."""
+    text = "" if value is None else str(value)
+    length = max(len(text), total or 0)
+    out = f'<pre class="{cls}">{html.escape(text[:limit])}</pre>' if cls else f"<pre>{html.escape(text[:limit])}</pre>"
+    if length > limit:
+        out += f"<span class='nbb-muted'>… {length - limit:,} more characters</span>"
+        if full_url:
+            out += f' <a class="nbb-full" href="{html.escape(full_url)}" target="_blank" rel="noopener">full value</a>'
+    return out
+
+
+def _link(base: str | None, **query: Any) -> str | None:
+    """The full-value URL: ``base`` (the endpoint with ``run=``) plus ``query``; None when not served."""
+    return None if base is None else base + "&" + urllib.parse.urlencode(query)
 
 
 def _time(value: Any) -> str:
@@ -118,13 +174,17 @@ def reduced_html(reduced: dict[str, Any] | None) -> str:
     """Reduced metrics as a two-column table (nested values as JSON)."""
     if not reduced:
         return '<p class="nbb-muted">No reduced metrics (yet): they are written when the run ends or stops.</p>'
-    rows = [[f"<b>{_e(k)}</b>", _e(v if isinstance(v, (int, float, str)) else pretty_json(v))]
+    rows = [[f"<b>{_e(k)}</b>", clip(v if isinstance(v, (int, float, str)) else pretty_json(v))]
             for k, v in sorted(reduced.items())]
     return STYLE + _table(["metric", "value"], rows, "nbb-reduced")
 
 
-def errors_html(total: int, errors: list[dict[str, Any]]) -> str:
-    """Errors, newest first, each with its traceback folded under a summary line."""
+def errors_html(total: int, errors: list[dict[str, Any]], value_url: str | None = None) -> str:
+    """Errors, newest first, each with its traceback folded under a summary line.
+
+    Messages longer than a summary line and tracebacks longer than `FOLD_CHARS` are clipped;
+    ``value_url`` (served dashboards) links to the whole text by the error's ``error_id``.
+    """
     if not total:
         return '<div class="nbb-errors"><p class="nbb-muted">No errors.</p></div>'
     items = []
@@ -132,22 +192,39 @@ def errors_html(total: int, errors: list[dict[str, Any]]) -> str:
         indices = list(e["indices"] or [])
         shown = ", ".join(str(i) for i in indices[:10]) + (", …" if len(indices) > 10 else "")
         kind = "fatal" if e["fatal"] else "skipped"
+        message = "" if e["message"] is None else str(e["message"])
+        message_len = max(len(message), int(e.get("message_len") or 0))
+        cut = message_len > CELL_CHARS * 3
+        error_id = e.get("error_id")
+        folded = (_block(message, "nbb-error-message", limit=FOLD_CHARS // 10, total=message_len,
+                         full_url=_link(value_url, error=error_id, field="message")) if cut else "")
         items.append(
-            f'<details class="nbb-error"><summary><b>{_e(e["exc_type"])}</b>: {_e(e["message"])} '
+            f'<details class="nbb-error"><summary><b>{_e(e["exc_type"])}</b>: '
+            f'{html.escape(message[:CELL_CHARS * 3]) + ("…" if cut else "")} '
             f'<span class="nbb-muted">({kind}; rank {_e(e["rank"])}, batch_idx {_e(e["batch_idx"])}, '
             f'global_batch {_e(e["global_batch"])}, indices [{_e(shown)}], attempt {_e(e["attempt"])}, '
-            f'{_time(e["occurred_at"])})</span></summary><pre>{_e(e["traceback"])}</pre></details>'
+            f'{_time(e["occurred_at"])})</span></summary>{folded}'
+            + _block(e["traceback"], full_url=_link(value_url, error=error_id, field="traceback"),
+                     total=e.get("traceback_len"))
+            + "</details>"
         )
     more = f'<p class="nbb-muted">showing the newest {len(errors)} of {total}</p>' if total > len(errors) else ""
     return (STYLE + f'<div class="nbb-errors"><p>{total} error{"s" if total != 1 else ""}</p>' + "".join(items)
             + more + "</div>")
 
 
-def outputs_html(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
-    """One page of outputs."""
+def outputs_html(columns: list[str], rows: list[tuple[Any, ...]], value_url: str | None = None) -> str:
+    """One page of outputs; long values are clipped, with a link to each whole value when served."""
     if not rows:
         return '<p class="nbb-muted">No outputs stored (yet).</p>'
-    return STYLE + _table(columns, [[_e(v) for v in row] for row in rows], "nbb-outputs")
+    at = columns.index("sample_index") if "sample_index" in columns else None
+    cells = []
+    for row in rows:
+        sample = row[at] if at is not None else None
+        cells.append([clip(v, fold=FOLD_CHARS // 10,
+                           full_url=_link(value_url, column=c, sample=sample) if at is not None else None)
+                      for c, v in zip(columns, row)])
+    return STYLE + _table(columns, cells, "nbb-outputs")
 
 
 _FINGERPRINT = ("run_id", "name", "processor", "dataset_len", "batch_size", "max_batches", "checkpoint_interval",
@@ -155,17 +232,17 @@ _FINGERPRINT = ("run_id", "name", "processor", "dataset_len", "batch_size", "max
                 "host", "pid", "created_at", "started_at", "finished_at")
 
 
-def fingerprint_html(detail: dict[str, Any]) -> str:
-    """The run's fingerprint and settings, then its config and launch JSON."""
-    rows = [[f"<b>{_e(k)}</b>", _time(detail.get(k)) if k.endswith("_at") else _e(detail.get(k))]
+def fingerprint_html(detail: dict[str, Any], value_url: str | None = None) -> str:
+    """The run's fingerprint and settings, then its config and launch JSON (long values clipped)."""
+    rows = [[f"<b>{_e(k)}</b>", _time(detail.get(k)) if k.endswith("_at") else clip(detail.get(k))]
             for k in _FINGERPRINT]
     parts = [STYLE, _table(["field", "value"], rows, "nbb-fingerprint")]
     if detail.get("error"):
-        parts.append(f'<p><b>last failure</b></p><pre>{_e(detail["error"])}</pre>')
-    parts.append(f'<p><b>config</b></p><pre class="nbb-config">{_e(pretty_json(detail.get("config") or {}))}</pre>')
+        parts.append("<p><b>last failure</b></p>" + _block(detail["error"], full_url=_link(value_url, field="error")))
+    parts.append("<p><b>config</b></p>" + _block(pretty_json(detail.get("config") or {}), "nbb-config"))
     launch = detail.get("launch")
     parts.append(
-        f'<p><b>launch</b></p><pre class="nbb-launch">{_e(pretty_json(launch))}</pre>' if launch
+        "<p><b>launch</b></p>" + _block(pretty_json(launch), "nbb-launch") if launch
         else '<p class="nbb-muted">launch: none (started from Python or a notebook)</p>'
     )
     return "".join(parts)
