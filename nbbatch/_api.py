@@ -309,6 +309,9 @@ def torch_batch_process(
             "(run the script under `torchrun`), so drop the argument"
         )
     from nbbatch._launch import torchrun
+    from nbbatch._launch.teardown import register_fast_exit
+
+    register_fast_exit()
 
     env = torchrun.environment()
     if env is not None and num_processes is not None:

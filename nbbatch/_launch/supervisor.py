@@ -68,6 +68,7 @@ class Supervisor:
         self.workers = [_Worker(r, len(sharding.todo(r, record.done)), last_event=self.started) for r in range(sharding.world_size)]
         self.shares = [_Share() for _ in range(sharding.world_size)]
         self.ready: dict[int, dict[int, tuple[_Share, tuple[bytes, ...]]]] = {}
+        self.early_segments: dict[tuple[int, int], SegmentWritten] = {}
         self.errors: list[BatchFailed] = []
         self.loose_metrics: list[tuple[int, int | None, int | None, MetricRecord]] = []
         self.fatal: BatchFailed | None = None
@@ -117,13 +118,16 @@ class Supervisor:
             share, self.shares[rank] = self.shares[rank], _Share()
             share.metrics.extend((rank, None, None, m) for m in event.metrics)
             share.awaits_segment = event.segment
+            share.segment = self.early_segments.pop((event.step, rank), None)
             self.ready.setdefault(event.step, {})[rank] = (share, event.reducer_states)
             self.too_many_failures |= event.failed
             self.stop_agreed |= event.stop
         elif isinstance(event, SegmentWritten):
             ready = self.ready.get(event.step, {}).get(rank)
-            if ready is not None:  # else its step was committed already: an orphan the next attempt deletes
+            if ready is not None:
                 ready[0].segment = event
+            else:  # sent before its checkpoint (a torchrun peer finishes the write first)
+                self.early_segments[(event.step, rank)] = event
         elif isinstance(event, Reduced):
             self.reduced = dict(event.metrics)
         elif isinstance(event, WorkerFinished):

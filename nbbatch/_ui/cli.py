@@ -363,8 +363,7 @@ def export_command(run: str, target: str, store: str | None, with_inputs: bool) 
 @cli.command("compact")
 @click.argument("run")
 @click.option("--store", "store", default=None, help=_STORE_HELP)
-@click.option("--into-table", is_flag=True,
-              help="Move the outputs into the store's own table (one file to copy) instead of one Parquet segment.")
+@click.option("--into-table", is_flag=True, help="Move the outputs into the store's own table (one file to copy).")
 def compact_command(run: str, store: str | None, into_table: bool) -> int:
     """Merge the output segments of RUN (one per worker per checkpoint) into one file, or into the store."""
     from nbbatch._store import segments

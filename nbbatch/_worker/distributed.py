@@ -169,6 +169,10 @@ class Channel:
 class PeerSink:
     """Events of a rank other than 0: buffered until the next checkpoint, counted for live progress."""
 
+    #: Events reach rank 0 only at checkpoints: the batch loop finishes a step's output segment before
+    #: sending the step's checkpoint, so the segment's manifest travels with it (``loop.run_loop``).
+    immediate = False
+
     def __init__(self, rank: int, channel: Channel) -> None:
         self.rank = rank
         self.channel = channel

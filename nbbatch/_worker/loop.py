@@ -42,7 +42,12 @@ logger = logging.getLogger("nbbatch")
 
 
 class Sink(Protocol):
-    """Where a worker's events go."""
+    """Where a worker's events go.
+
+    A sink whose events leave only at `flush` (a torchrun peer's) has a class attribute
+    ``immediate = False``; the loop then finishes each step's output segment before the step's
+    checkpoint event, so the segment's manifest reaches the launcher with it.
+    """
 
     def emit(self, event: Event) -> None:
         """Send one event (non-blocking in spirit)."""
@@ -170,6 +175,8 @@ def run_loop(
             sink.emit(_failure(rank, None, None, (), exc, fatal=True))
             raise _Fatal from exc
         segment = segments.seal(step) if segments is not None else False
+        if segment and not getattr(sink, "immediate", True):
+            report(wait=True)  # a sink that ships at checkpoints: the segment's manifest goes with this one
         sink.emit(CheckpointDone(rank, step, states, context._take_metrics(), stop=stop and check_stop, failed=too_many,
                                  segment=segment))
         sink.flush(coordinator)

@@ -236,6 +236,34 @@ def test_a_finished_script_closes_its_pipes_when_it_exits(tmp_path: pathlib.Path
         helpers.kill_tagged(tag)
 
 
+def _last_line_to_eof(args: list[str], cwd: pathlib.Path, env: dict[str, str]) -> float:
+    """Seconds from the script's last printed line (its own clock reading) to end-of-file on both pipes."""
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+    eof = time.time()
+    assert proc.returncode == 0, proc.stderr
+    return eof - float(proc.stdout.split()[-1])
+
+
+def test_a_finished_script_exits_faster_than_a_bare_torch_import(tmp_path: pathlib.Path) -> None:
+    """After the last line, a script that ran a job must not keep its caller longer than `import torch` alone.
+
+    CPython's finalization walks every object torch and torchvision created, several times; nbbatch
+    collects once and freezes the rest at exit (`nbbatch._launch.teardown`). Compared in the same
+    test, so the machine's load cancels out.
+    """
+    bare, job = tmp_path / "bare.py", tmp_path / "job.py"
+    bare.write_text("import time, torch, torchvision\nprint(time.time())\n")
+    job.write_text(  # what a typical processor script imports, then a job through the public API
+        "import runpy, sys, time, torchvision\n"
+        f"sys.argv = ['job', {str(tmp_path / 's.duckdb')!r}, 'exit', '60', '2']\n"
+        f"runpy.run_path({str(JOB)!r}, run_name='__main__')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NBBATCH_TEST_SLEEP": "0"}
+    bare_s = min(_last_line_to_eof([sys.executable, str(bare)], tmp_path, env) for _ in range(2))
+    job_s = _last_line_to_eof([sys.executable, str(job)], tmp_path, env)
+    assert job_s < bare_s, f"a finished job held its pipes {job_s:.2f}s after its last line, a bare torch import {bare_s:.2f}s"
+
+
 class Recorder:
     """A `Reporter` that keeps every snapshot."""
 

@@ -179,10 +179,38 @@ def status_of(store: str, name: str) -> str:
         return f"<{type(exc).__name__}: {exc}>"
 
 
+def fault_spec(fault: Fault, point: str, marks: pathlib.Path, where: pathlib.Path) -> dict[str, Any]:
+    """``$NBBATCH_FAULT`` for one case (see fault_procs.py)."""
+    if fault.action == "flush_kill":
+        return {"flush_kill": point, "dir": str(marks), "pace": 0.4}  # a step per 1.2 s: flushes in between
+    hook, at = fault.points[point]
+    spec: dict[str, Any] = {"action": fault.action, "hook": hook, "at": at, "rank": fault.rank, "dir": str(marks)}
+    if fault.action == "fill":
+        spec["ballast"] = str(where / "ballast")
+    if fault.action == "wait":
+        spec["slow"] = SLOW
+    return spec
+
+
+def check_resume(fault: Fault, spec: dict[str, Any], store: str, name: str, facts: str) -> list[str]:
+    """Resume here and check exactly-once; the problems found (an empty list when all is well)."""
+    try:
+        helpers.committed_unique(store, name)
+        if fault.action == "fill":
+            os.unlink(spec["ballast"])  # free the space; the resume does not fill it again
+        started = time.monotonic()
+        resumed = resume(store, name)
+        print(f"{facts.splitlines()[0]} resumed in {time.monotonic() - started:.1f}s")
+        assert resumed.status == "done", resumed.status
+        helpers.check_exactly_once(store, name, N, BS)
+        return []
+    except Exception as exc:  # AssertionError included: reported with the rest
+        return [f"resume: {type(exc).__name__}: {exc}"]
+
+
 @pytest.mark.parametrize("launcher,fault_name,point", list(cases()))
 def test_fault(tmp_path: pathlib.Path, launcher: str, fault_name: str, point: str) -> None:
     fault = FAULTS[fault_name]
-    hook, at = fault.points[point]
     name = f"{fault_name}-{point}"
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -190,15 +218,10 @@ def test_fault(tmp_path: pathlib.Path, launcher: str, fault_name: str, point: st
     with ExitStack() as stack:
         stack.callback(helpers.kill_tagged, tag)
         where = tmp_path
-        spec: dict[str, Any] = {"action": fault.action, "hook": hook, "at": at, "rank": fault.rank, "dir": str(marks)}
         if fault.action == "fill":
             where = stack.enter_context(helpers.tiny_disk(tmp_path / "disk", "8m"))
-            spec["ballast"] = str(where / "ballast")
             stack.callback(nbbatch._store.connection.close_all)  # release the file before the unmount
-        if fault.action == "flush_kill":
-            spec = {"flush_kill": point, "dir": str(marks), "pace": 0.4}  # a step per 1.2 s: flushes between
-        if fault.action == "wait":
-            spec["slow"] = SLOW
+        spec = fault_spec(fault, point, marks, where)
         store = where / "s.duckdb"
         # NBBATCH_ABORT_GRACE: how long a torchrun rank stuck in user code (the hang) lingers.
         env = {**os.environ, FAULT_ENV: json.dumps(spec), helpers.TAG: tag, "OMP_NUM_THREADS": "1",
@@ -210,7 +233,7 @@ def test_fault(tmp_path: pathlib.Path, launcher: str, fault_name: str, point: st
         stack.callback(lambda: proc.poll() is None and proc.kill())
         if fault.deliver is not None:
             marker = marks / f"reached-{fault.rank}"
-            waiter = helpers.poll(lambda: read_marker(marker), 120, f"the job to reach {hook}@{at} on rank {fault.rank}")
+            waiter = helpers.poll(lambda: read_marker(marker), 120, f"the job to reach {spec['hook']}@{spec['at']}")
             reached = time.monotonic()
             deliver(fault.deliver, launcher, proc, waiter, tag)
             (marks / "go").touch()
@@ -236,16 +259,5 @@ def test_fault(tmp_path: pathlib.Path, launcher: str, fault_name: str, point: st
             problems.append(f"exit code {code}, expected {expected_exit(launcher, fault)}")
         if left:
             problems.append(f"{len(left)} processes of the run alive 5 s after it ended")
-        try:
-            helpers.committed_unique(str(store), name)
-            if fault.action == "fill":
-                os.unlink(spec["ballast"])  # free the space; the resume does not fill it again
-            resume_started = time.monotonic()
-            resumed = resume(str(store), name)
-            print(f"{facts.splitlines()[0]} resumed in {time.monotonic() - resume_started:.1f}s")
-            assert resumed.status == "done", resumed.status
-            helpers.check_exactly_once(str(store), name, N, BS)
-            del resumed
-        except Exception as exc:  # AssertionError included: reported with the rest
-            problems.append(f"resume: {type(exc).__name__}: {exc}")
+        problems += check_resume(fault, spec, str(store), name, facts)
         assert not problems, f"{'; '.join(problems)} {facts}"

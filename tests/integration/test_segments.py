@@ -224,3 +224,23 @@ def test_full_disk_while_a_segment_is_written(tmp_path: pathlib.Path, monkeypatc
         check(run)
         del run
         close_all()
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_ranks_on_one_machine_write_their_own_segments(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    job = pathlib.Path(__file__).resolve().parent / "scripts" / "torchrun_job.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(job),
+         "--store", str(store), "--samples", "96", "--batch-size", "4", "--checkpoint-interval", "3", "--name", "tr"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=200,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = nbbatch.open_run("tr", store=str(store))
+    rows = run.sql("SELECT count(*), count(DISTINCT sample_index), count(*) FILTER (WHERE y = 2 * sample_index) "
+                   "FROM outputs").fetchall()
+    assert rows == [(96, 96, 96)], rows
+    ranks = run.sql("SELECT DISTINCT rank FROM segments WHERE run_id = $id ORDER BY rank", {"id": run.id}).fetchall()
+    assert ranks == [(0,), (1,)], "each rank wrote its own segments (the folder is on this machine)"
+    assert [s for (s,) in run.outputs().project("sample_index").fetchall()] == list(range(96))

@@ -126,3 +126,16 @@ def test_a_step_commits_only_with_the_segments_of_its_outputs() -> None:
     sup.handle(segment)
     commit = sup.take_commit()
     assert sorted(b.global_batch for b, _ in commit.batches) == [0, 1] and commit.segments == [segment]
+
+
+def test_a_segment_sent_before_its_checkpoint_is_kept_for_it() -> None:
+    """A torchrun peer finishes its segment, then sends the checkpoint: both arrive in one gather."""
+    sharding = make_sharding(8, 4, 1)
+    record = RunRecord(RUN, "r", "running", 1, sharding.planned_batches, "/tmp/x", frozenset(), (), 0)
+    sup = Supervisor(record, sharding, clock=lambda: 0.0)
+    segment = SegmentWritten(0, 1, segment_name(RUN, 1, 0, 1), 4, 100, "crc32:0", (0,), b"")
+    sup.handle(BatchDone(0, 0, 0, 4, 0.0, 0.1))
+    sup.handle(segment)
+    sup.handle(CheckpointDone(0, 1, segment=True))
+    commit = sup.take_commit()
+    assert [b.global_batch for b, _ in commit.batches] == [0] and commit.segments == [segment]
