@@ -73,7 +73,8 @@ def main() -> None:
         base = summary.get("loop")
         print(f"{workload} ({n} rows, bs {bs}, {workers} workers)")
         for variant, s in summary.items():
-            ratio = f"wall {s['wall'] / base['wall']:.2f}x, rows/s {s['rows_per_s'] / base['rows_per_s']:.2f}x" if base else ""
+            ratio = (f"wall {s['wall'] / base['wall']:.2f}x, rows/s {s['rows_per_s'] / base['rows_per_s']:.2f}x"
+                     if base else "")
             print(f"  {variant:9} wall {s['wall']:6.2f} s  call {s['call']:6.2f} s  {s['rows_per_s']:10,.0f} rows/s  "
                   f"{ratio}  load {s['load']}")
         results[workload] = summary

@@ -380,9 +380,14 @@ def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter
 def _finish_quietly(
     writer: StoreWriter, record: Any, status: str, error: str, reduced: dict[str, Any] | None = None
 ) -> None:
+    """Set the final status of a run that already has an error to raise; a failure here is only logged.
+
+    The run's own error (a full disk, say) is what the caller raises. When the store refuses the
+    status too, `StoreWriter.finish` keeps it in the lock file and its message says so.
+    """
     try:
         writer.finish(record, status, reduced, error)
-    except StoreError:
-        logger.exception("could not mark run %r %s", record.name, status)
+    except StoreError as exc:
+        logger.warning("nbbatch: %s", exc)
 
 

@@ -186,8 +186,9 @@ class Lead:
                 status, error = "failed", error or exc
             try:
                 self.writer.finish(self.record, status, reduced, str(error) if error is not None else None)
-            except StoreError:
-                logger.exception("nbbatch: could not mark run %r %s", self.record.name, status)
+            except StoreError as exc:  # a full disk: `finish` kept the end in the lock file, and says so
+                status, error = "failed" if status != "preempted" else status, error or exc
+                logger.warning("nbbatch: %s", exc)
             self.result = (status, error)
 
     def fail(self, events: dict[int, BatchFailed], error: BaseException | None = None) -> None:

@@ -26,6 +26,25 @@ The sidecar is opened with ``O_NOFOLLOW`` (a symlink there is refused and its ta
 and is never truncated. The holder's description (``run 'x', pid 12 on host``, shown by
 `StoreBusy`) is written as one fixed-size record at offset 0, and only into a regular file with a
 single link that is empty or already holds such a record; any other file is locked but not written.
+
+The run's end, when the store cannot take it (a full disk). A writer that hits a full disk raises
+the disk-full `StoreError`, and must still record the run as ``failed`` with that error; but the
+one-row UPDATE that says so needs the same full disk (measured with DuckDB 2.0.1 on a full tmpfs:
+it fails with "No space left on device" while appending to the WAL; with 64 KiB freed it
+succeeds and takes one 4 KiB WAL page, and the checkpoint on close wants one more 256 KiB block,
+which it skips quietly when short of room). So the end is kept where writing it allocates
+nothing: an "end" slot of `_END_SIZE` bytes after the holder record, filled (allocated) when the
+lock is taken, and overwritten in place by `WriterLock.record_end` only when the store refused
+the final status. Readers (`ended`, used by ``reader.py``) report a ``running`` row whose lock
+nobody holds with the status and error of a matching end record (same run id and attempt)
+instead of ``interrupted``; the next writer of the store persists it into the database and clears
+the slot (``StoreWriter.begin``). Rejected alternative: a preallocated ``<store>.reserve`` file
+freed on ENOSPC. Freed space goes to whichever process writes next (the program that filled the
+disk keeps writing), a reserve cannot be made on a disk that is already nearly full, and on
+copy-on-write or compressing file systems ``posix_fallocate`` reserves nothing. Overwriting bytes
+of an allocated block needs no new block on ext4, xfs and tmpfs; on copy-on-write file systems
+(btrfs, ZFS) it may, and then the run shows ``interrupted`` (still resumable) and a warning says
+why.
 Must not import anything from nbbatch but ``_errors`` and ``_events``.
 """
 
@@ -33,6 +52,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import socket
@@ -40,18 +60,21 @@ import stat
 import struct
 import weakref
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
 from nbbatch._errors import StoreBusy, StoreError
 from nbbatch._events import Status
 
-__all__ = ["WriterLock", "interrupted_error", "lock_path", "resolve_status", "writer_alive"]
+__all__ = ["End", "WriterLock", "ended", "interrupted_error", "keep_end", "lock_path", "resolve_status", "writer_alive"]
 
 #: ``struct flock`` on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = struct.Struct("hhqqi4x")
 _OFD = hasattr(fcntl, "F_OFD_SETLK") and hasattr(fcntl, "F_OFD_GETLK")
 _RECORD = 256
 _MARKER = "nbbatch writer lock\n"
+_END_SIZE = 4096 - _RECORD  # the holder record and the end slot fill one page (one block on common file systems)
+_END_MARKER = b"nbbatch run ended\n"
 # What earlier versions wrote (one line, no marker); such a file is ours to update.
 _OLD_RECORD = re.compile(r"\Arun .{1,200}, pid \d+ on [\w.-]*\s*\Z", re.DOTALL)
 _BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
@@ -107,6 +130,67 @@ def resolve_status(stored: str, alive: bool | None) -> Status:
     return Status.INTERRUPTED if status is Status.RUNNING and alive is False else status
 
 
+@dataclass(frozen=True)
+class End:
+    """How a writer ended a run whose final status the store refused (see the module docstring)."""
+
+    run_id: str
+    attempt: int
+    status: Status
+    error: str | None
+    at: float  # time.time() when it ended
+
+
+def ended(store: str) -> End | None:
+    """The end record in the sidecar of ``store``, if a writer left one there (None otherwise)."""
+    try:
+        fd = os.open(lock_path(store), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return _parse_end(os.pread(fd, _END_SIZE, _RECORD)) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _parse_end(raw: bytes) -> End | None:
+    if not raw.startswith(_END_MARKER):
+        return None
+    try:
+        data = json.loads(raw[len(_END_MARKER):].decode("utf-8"))
+        error = data["error"]
+        return End(str(data["run_id"]), int(data["attempt"]), Status(data["status"]),
+                   None if error is None else str(error), float(data["at"]))
+    except (ValueError, KeyError, TypeError):  # torn or foreign bytes: no claim
+        return None
+
+
+def _end_bytes(end: End) -> bytes:
+    """The slot's bytes for ``end``: JSON after the marker, the error shortened until it fits."""
+    error = end.error
+    while True:
+        body = json.dumps({"run_id": end.run_id, "attempt": end.attempt, "status": str(end.status),
+                           "error": error, "at": end.at})
+        data = _END_MARKER + body.encode("utf-8")
+        if len(data) < _END_SIZE or not error:
+            return data[: _END_SIZE - 1].ljust(_END_SIZE - 1) + b"\n"
+        error = error[: len(error) * 9 // 10 - 1] + "…"
+
+
+def keep_end(lock: WriterLock | None, end: End) -> str:
+    """Keep the end of a run whose store refused its final status in the lock file; say where, for the error.
+
+    A ``done`` run is kept as ``failed``: its reduced metrics did not reach the store, a resume makes them.
+    """
+    if end.status is not Status.PREEMPTED:
+        end = End(end.run_id, end.attempt, Status.FAILED, end.error, end.at)
+    if lock is not None and lock.record_end(end):
+        return f"its end ({end.status}) is kept in `{lock.path}` and shown by readers until the store has room again"
+    return "its end could not be recorded either, so readers will show the run as interrupted"
+
+
 def interrupted_error(name: str, pid: Any, host: Any) -> str:
     """Why an interrupted run stopped, for its ``error`` field."""
     return (
@@ -151,6 +235,9 @@ class WriterLock:
         self._writable = created or _is_ours(fd)
         _held.add(self)
         self.describe("starting")
+        #: What the previous writer left in the end slot; ``StoreWriter.begin`` persists it, then clears it.
+        self.previous_end = _parse_end(self._end_slot())
+        self._fill_end_slot(self._end_slot())  # allocate the slot now, while the disk has room
 
     def _open(self) -> tuple[int, bool]:
         """Open the sidecar without following a symlink; tell whether this call created it."""
@@ -193,6 +280,32 @@ class WriterLock:
         data = text.encode("utf-8", "replace")[: _RECORD - 1].ljust(_RECORD - 1) + b"\n"
         with suppress(OSError):  # informational only; a full disk must not break the locking
             os.pwrite(self._fd, data, 0)
+
+    def _end_slot(self) -> bytes:
+        if self._fd is None or not self._writable:
+            return b""
+        try:
+            return os.pread(self._fd, _END_SIZE, _RECORD)
+        except OSError:
+            return b""
+
+    def _fill_end_slot(self, data: bytes) -> bool:
+        """Overwrite the end slot in place (the holder record is always there before it)."""
+        if self._fd is None or not self._writable:
+            return False
+        try:
+            return os.pwrite(self._fd, data.ljust(_END_SIZE), _RECORD) == _END_SIZE
+        except OSError:
+            return False
+
+    def record_end(self, end: End) -> bool:
+        """Keep ``end`` in the sidecar, for readers, until the next writer stores it; False if it could not be."""
+        return self._fill_end_slot(_end_bytes(end))
+
+    def clear_end(self) -> None:
+        """Empty the end slot once its record is in the database."""
+        self.previous_end = None
+        self._fill_end_slot(b"")
 
     def release(self) -> None:
         """Drop the lock (idempotent); the sidecar stays, so the next writer locks the same file."""

@@ -3,7 +3,8 @@
 Every query uses bound parameters; identifiers reach SQL text only through ``sql.ident``. Run
 summaries carry the status readers report: a ``running`` row whose writer lock nobody holds is
 ``interrupted`` (``lock.resolve_status``), with a synthesized ``error`` and ``finished_at`` (the
-last time the run was heard from). Must not import anything from nbbatch but ``_store``,
+last time the run was heard from), unless its writer left an end record in the lock file (its
+final status did not fit on a full disk): then the run has that record's status and error. Must not import anything from nbbatch but ``_store``,
 ``_events`` and ``_errors``.
 """
 
@@ -20,7 +21,8 @@ from nbbatch._errors import RunNotFound, StoreError
 from nbbatch._events import Status
 from nbbatch._store.connection import StoreOpenError, open_store, relation_connection
 from nbbatch._store import segments
-from nbbatch._store.lock import interrupted_error, resolve_status, writer_alive
+from nbbatch._store.arrow import timestamp
+from nbbatch._store.lock import End, ended, interrupted_error, resolve_status, writer_alive
 from nbbatch._store.schema import outputs_table
 from nbbatch._store.sql import ident
 
@@ -97,13 +99,21 @@ def store_path(con: duckdb.DuckDBPyConnection) -> str | None:
 
 
 def _with_live_status(con: duckdb.DuckDBPyConnection, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Report each run's status as a `Status`; ``running`` without a lock holder becomes ``interrupted``."""
+    """Report each run's status as a `Status`; ``running`` without a lock holder becomes ``interrupted``
+    or, with a matching end record in the lock file, that record's status and error."""
     alive: bool | None = None
+    end: End | None = None
     if any(s["status"] == Status.RUNNING for s in summaries):
         path = store_path(con)
         alive = writer_alive(path) if path else None  # one look at the lock serves every row
+        end = ended(path) if path and alive is not True else None
     for s in summaries:
         s["status"] = status = resolve_status(str(s["status"]), alive)
+        if status in (Status.RUNNING, Status.INTERRUPTED) and end is not None \
+                and (end.run_id, end.attempt) == (s["run_id"], s["attempt"]):
+            # Its writer ended it but the store had no room for the status (``lock.py``).
+            s["status"], s["error"], s["finished_at"] = end.status, end.error, timestamp(end.at)
+            continue
         if status is Status.INTERRUPTED:
             if s.get("error") is None:
                 s["error"] = interrupted_error(str(s["name"]), s.get("pid"), s.get("host"))

@@ -30,7 +30,9 @@ from nbbatch._store.columns import case_clash, output_columns
 from nbbatch._store.schema import KEY_COLUMNS, outputs_folder, outputs_table, run_folder
 from nbbatch._store.sql import ident, literal, type_name
 
-__all__ = ["INLINE_BYTES", "columns", "compact", "files", "folder", "inline_bytes", "prepare", "record", "sweep", "view_sql"]
+__all__ = [
+    "INLINE_BYTES", "columns", "compact", "files", "folder", "inline_bytes", "prepare", "record", "sweep", "view_sql",
+]
 
 #: Batches whose outputs hold fewer bytes stay inline (pipe -> launcher -> DuckDB insert). Measured in
 #: benchmarks/README.md ("Outputs at the speed of the disk"); ``NBBATCH_SEGMENTS=0`` keeps every
@@ -195,7 +197,7 @@ def compact(con: duckdb.DuckDBPyConnection, run_id: str, store: str, *, into_tab
     orphans, which `sweep` deletes). Returns ``(segments merged, rows)``.
 
     Raises:
-        StoreError: a committed segment file is missing.
+        StoreError: a committed segment file is missing, or its bytes do not match its checksum.
     """
     source = view_sql(con, run_id, store)
     if source is None:
@@ -203,6 +205,7 @@ def compact(con: duckdb.DuckDBPyConnection, run_id: str, store: str, *, into_tab
     old = files(con, run_id)
     row = con.execute("SELECT output_dir FROM runs WHERE run_id = ?", [run_id]).fetchone()
     where = folder(run_folder(outputs_folder(store), run_id, str(row[0]) if row and row[0] else None))
+    _verify(con, run_id, where)
     rows = int(con.execute(f"SELECT count(*) FROM ({source})").fetchall()[0][0])
     con.execute("BEGIN TRANSACTION")
     try:
@@ -224,6 +227,18 @@ def compact(con: duckdb.DuckDBPyConnection, run_id: str, store: str, *, into_tab
     return len(old), rows
 
 
+def _verify(con: duckdb.DuckDBPyConnection, run_id: str, where: str) -> None:
+    """Check every committed segment against its manifest checksum before its rows are moved."""
+    for name, checksum in con.execute("SELECT file, checksum FROM segments WHERE run_id = ?", [run_id]).fetchall():
+        with open(os.path.join(where, str(name)), "rb") as handle:
+            actual = f"crc32:{zlib.crc32(handle.read()):08x}"
+        if checksum and actual != checksum:
+            raise StoreError(
+                f"the output segment `{os.path.join(where, str(name))}` does not match its checksum ({actual}, the "
+                f"store says {checksum}): it changed after its commit. Restore it from a copy; nothing was compacted"
+            )
+
+
 def _into_file(con: duckdb.DuckDBPyConnection, run_id: str, source: str, where: str, rows: int) -> None:
     """Write every committed row, in ``sample_index`` order, to one new segment (attempt 0: compacted)."""
     step = int(con.execute("SELECT coalesce(max(step), 0) FROM segments WHERE run_id = ?", [run_id]).fetchall()[0][0])
@@ -233,7 +248,8 @@ def _into_file(con: duckdb.DuckDBPyConnection, run_id: str, source: str, where: 
         name = segment_name(run_id, 0, 0, step + 1)
         final = os.path.join(where, name)
     partial = final + ".partial"
-    con.execute(f"COPY (SELECT * FROM ({source}) ORDER BY sample_index) TO {literal(partial)} (FORMAT parquet)")
+    copy = f"COPY (SELECT * FROM ({source}) ORDER BY sample_index)"  # sql: `source` is `view_sql`'s query
+    con.execute(f"{copy} TO {literal(partial)} (FORMAT parquet)")
     with open(partial, "rb") as handle:
         data = handle.read()
     os.replace(partial, final)
@@ -247,6 +263,6 @@ def _into_table(con: duckdb.DuckDBPyConnection, run_id: str, source: str) -> Non
     """Append every committed segment row to the run's inline outputs table (created if need be)."""
     table = ident(outputs_table(run_id))
     if output_columns(con, run_id):
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM ({source}) ORDER BY sample_index")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM ({source}) ORDER BY sample_index")  # sql: view_sql
     else:
-        con.execute(f"CREATE TABLE {table} AS SELECT * FROM ({source}) ORDER BY sample_index")
+        con.execute(f"CREATE TABLE {table} AS SELECT * FROM ({source}) ORDER BY sample_index")  # sql: view_sql

@@ -40,7 +40,7 @@ from nbbatch._store.arrow import (
 from nbbatch._store.columns import insert_outputs, output_columns
 from nbbatch._store.connection import StoreOpenError, ensure_schema, open_store, writing
 from nbbatch._store.inputs import InputsInfo
-from nbbatch._store.lock import WriterLock, interrupted_error
+from nbbatch._store.lock import End, WriterLock, interrupted_error, keep_end
 from nbbatch._store.schema import run_folder
 from nbbatch._store.sql import ident
 from nbbatch._store.trust import Signer
@@ -153,20 +153,23 @@ class StoreWriter:
         if self._lock is not None:
             self._lock.describe(what)
 
-    @staticmethod
-    def _record_interrupted(con: duckdb.DuckDBPyConnection) -> None:
-        """Mark runs left `running` as interrupted: this writer holds the lock, so their launchers are gone."""
-        stale = con.execute("SELECT run_id, name, pid, host FROM runs WHERE status = ?", [Status.RUNNING]).fetchall()
-        for run_id, name, pid, host in stale:
+    def _record_ended(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Store how runs left `running` ended: as the lock file's end record says (``lock.py``), else interrupted."""
+        end = self._lock.previous_end if self._lock is not None else None
+        stale = con.execute("SELECT run_id, name, pid, host, attempt FROM runs WHERE status = 'running'").fetchall()
+        for run_id, name, pid, host, attempt in stale:
+            if end is not None and (end.run_id, end.attempt) == (run_id, attempt):
+                status, error, at = end.status, end.error, timestamp(end.at)
+            else:
+                status, error, at = Status.INTERRUPTED, interrupted_error(name, pid, host), None
             con.execute(
-                "UPDATE runs SET status = ?, error = coalesce(error, ?), finished_at = coalesce(finished_at, updated_at) "
-                "WHERE run_id = ? AND status = ?",
-                [Status.INTERRUPTED, interrupted_error(name, pid, host), run_id, Status.RUNNING],
+                "UPDATE runs SET status = ?, error = coalesce(?, error), "
+                "finished_at = coalesce(?, finished_at, updated_at) WHERE run_id = ? AND status = ?",
+                [status, error, at, run_id, Status.RUNNING],
             )
-            con.execute(
-                "UPDATE progress SET status = ? WHERE run_id = ? AND status = ?",
-                [Status.INTERRUPTED, run_id, Status.RUNNING],
-            )
+            con.execute("UPDATE progress SET status = ? WHERE run_id = ? AND status = 'running'", [status, run_id])
+        if end is not None and self._lock is not None:
+            self._lock.clear_end()
 
     @contextmanager
     def _open(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -181,7 +184,7 @@ class StoreWriter:
         """Create a run, or resume the named one; refuse a different fingerprint."""
         now = timestamp(time.time())
         with self._open() as con:
-            self._record_interrupted(con)
+            self._record_ended(con)
             row = None
             if spec.name is not None:
                 row = con.execute(
@@ -254,7 +257,11 @@ class StoreWriter:
             return RunRecord(run_id, name, "running", attempt, int(planned), output_dir, done, states, failures, columns)
 
     def finish(self, record: RunRecord, status: Status | str, reduced: dict[str, Any] | None, error: str | None) -> None:
-        """Set the run's final status (``done``, ``failed``, ``preempted``)."""
+        """Set the run's final status (``done``, ``failed``, ``preempted``).
+
+        Raises:
+            StoreError: the store refused it (a full disk); the end is then kept by `WriterLock.keep_end`.
+        """
         status = Status(status)  # a typo must fail here, not leave a status no reader knows
         now = timestamp(time.time())
         try:
@@ -271,7 +278,9 @@ class StoreWriter:
                     [status, record.run_id, record.attempt],
                 )
         except duckdb.Error as exc:  # e.g. a full disk: say so, as `commit` does
-            raise StoreError(_explain_write(self.path, exc)) from exc
+            text = _explain_write(self.path, exc, record.name)
+            where = keep_end(self._lock, End(record.run_id, record.attempt, status, error or text, time.time()))
+            raise StoreError(f"could not store the final status of run {record.name!r}: {text}; {where}") from exc
 
     # -- commits --------------------------------------------------------------------------------
     def commit(self, record: RunRecord, commit: Commit) -> None:
@@ -293,7 +302,7 @@ class StoreWriter:
                         con.execute("ROLLBACK")
                     raise
         except duckdb.Error as exc:
-            raise StoreError(_explain_write(self.path, exc)) from exc
+            raise StoreError(_explain_write(self.path, exc, record.name)) from exc
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise StoreError(
                 f"an output column changed type between batches ({exc}); return the same keys, dtypes "
@@ -372,18 +381,19 @@ def _warm_arrow_ingest() -> None:
         con.close()
 
 
-def _explain_write(path: str, exc: BaseException) -> str:
+def _explain_write(path: str, exc: BaseException, name: str) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if "No space left" in text or "disk" in text.lower() and "full" in text.lower():
         return (
-            f"the disk holding `{path}` is full ({text}); nothing of this flush was written. Free space, "
-            f"then resume the run with the same `run_name`"
+            f"the disk holding `{path}` is full ({text}) while committing run {name!r}; nothing of this "
+            f"flush was written and committed batches are intact. Free space, then resume the run with "
+            f"`run_name={name!r}`"
         )
     if "Conversion Error" in text or "Could not convert" in text or "cast" in text.lower():
         return (
             f"an output column does not match the type stored by earlier batches ({text}); return the "
             f"same dtypes and per-sample shapes from every `process_batch` call"
         )
-    return f"writing to the store `{path}` failed ({text}); committed batches are intact, resume with the same `run_name`"
+    return f"writing to the store `{path}` failed ({text}); committed batches are intact, resume with `run_name={name!r}`"
 
 

@@ -176,4 +176,7 @@ class Segments:
                 f"an output column changed type between batches ({exc}); return the same keys, dtypes and "
                 f"per-sample shapes from every `process_batch` call (pad, or return Python lists for ragged values)"
             )
-        return f"writing an output segment to `{folder}` failed ({type(exc).__name__}: {exc}); resume the run with the same `run_name`"
+        return (
+            f"writing an output segment to `{folder}` failed ({type(exc).__name__}: {exc}); resume the run with the "
+            f"same `run_name`"
+        )

@@ -84,7 +84,13 @@ def test_full_disk_fails_the_run_then_resume_after_freeing_space(
         text = str(info.value)
         assert ballast.exists()
         assert f"the disk holding `{store}` is full" in text, text
-        assert "Free space" in text and "run_name" in text
+        assert "while committing run 'wide'" in text and "Free space" in text and "`run_name='wide'`" in text
+        # Its final status needs room on the same full disk: it is kept in the lock file, and readers show it.
+        failed = nbbatch.open_run("wide", store=str(store))
+        assert failed.status == "failed", (failed.status, failed.error)
+        assert failed.error == text, "the run's error is the one the caller got"
+        assert failed.counts["committed_batches"] < N // BS
+        del failed
 
         ballast.unlink()  # free the space, and do not fill it again
         monkeypatch.delenv("NBBATCH_TEST_BALLAST")

@@ -139,3 +139,20 @@ def test_a_segment_sent_before_its_checkpoint_is_kept_for_it() -> None:
     sup.handle(CheckpointDone(0, 1, segment=True))
     commit = sup.take_commit()
     assert [b.global_batch for b, _ in commit.batches] == [0] and commit.segments == [segment]
+
+
+def test_compact_refuses_a_segment_that_changed_after_its_commit(con: duckdb.DuckDBPyConnection,
+                                                                  tmp_path: pathlib.Path) -> None:
+    from nbbatch._errors import StoreError
+
+    folder = tmp_path / "s_outputs" / RUN / "segments"
+    events = [write_one(folder, step=1, rank=0), write_one(folder, step=1, rank=1)]
+    store_segments.record(con, RUN, 1, events, None)
+    (folder / events[1].file).write_bytes((folder / events[0].file).read_bytes())  # same shape, other bytes
+    with pytest.raises(StoreError, match="does not match its checksum"):
+        store_segments.compact(con, RUN, str(tmp_path / "s.duckdb"))
+    assert sorted(store_segments.files(con, RUN)) == sorted(e.file for e in events)
+    (folder / events[1].file).unlink()
+    write_one(folder, step=1, rank=1)  # rewritten: the same bytes as committed
+    assert store_segments.compact(con, RUN, str(tmp_path / "s.duckdb")) == (2, 16)
+    assert len(store_segments.files(con, RUN)) == 1

@@ -3,6 +3,7 @@ and `interrupted` runs (a `running` row whose writer lock nobody holds)."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import pathlib
 import signal
@@ -18,7 +19,7 @@ import pytest
 import nbbatch
 from nbbatch import ResumeMismatch, StoreBusy
 from nbbatch._events import BatchDone, BatchFailed, MetricRecord, Status
-from nbbatch._store.lock import WriterLock, writer_alive
+from nbbatch._store.lock import End, WriterLock, ended, keep_end, writer_alive
 from nbbatch._store.writer import Commit, ProgressRow, RunSpec, StoreWriter
 
 pytestmark = pytest.mark.timeout(60)
@@ -288,6 +289,55 @@ def test_the_next_writer_records_interrupted_runs_and_resumes_them(tmp_path: pat
         con.close()
 
 
+def test_an_end_the_store_refused_is_read_from_the_lock_file_then_stored(tmp_path: pathlib.Path) -> None:
+    # A writer whose final status did not fit on a full disk keeps it in the lock file (`keep_end`).
+    store = tmp_path / "s.duckdb"
+    first = StoreWriter(str(store))
+    record = first.begin(spec(tmp_path, name="a"))
+    first.commit(record, Commit(progress=[ProgressRow(0, 1, 2, 0, 3, 1, "running")]))
+    size = os.path.getsize(str(store) + ".lock")
+    where = keep_end(first._lock, End(record.run_id, record.attempt, Status.DONE, "disk full: free space", 1.7e9))
+    assert "(failed) is kept in" in where  # a done run whose reduced metrics were not stored ends failed
+    assert os.path.getsize(str(store) + ".lock") == size == 4096, "written in place, into room taken at lock time"
+    assert nbbatch.open_run("a", store=str(store)).status == "running"  # its writer still holds the lock
+    first.close()
+
+    run = nbbatch.open_run("a", store=str(store))
+    assert run.status is Status.FAILED and run.error == "disk full: free space"
+    assert run.summary["finished_at"] == datetime.datetime(2023, 11, 14, 22, 13, 20)  # 1.7e9, naive UTC
+    assert run.wait(timeout=1) is run and [r.status for r in nbbatch.list_runs(store=str(store))] == ["failed"]
+    assert raw_status(store, "a") == ("running", None)  # the store itself had no room
+
+    second = StoreWriter(str(store))  # the next writer stores it and clears the slot
+    try:
+        second.begin(spec(tmp_path, name="b"))
+        assert raw_status(store, "a") == ("failed", "disk full: free space")
+        assert ended(str(store)) is None
+    finally:
+        second.close()
+
+    third = StoreWriter(str(store))
+    resumed = third.begin(spec(tmp_path, name="a"))
+    assert resumed.attempt == 2
+    keep_end(third._lock, End(record.run_id, 1, Status.FAILED, "an older attempt's end", 1.7e9))
+    third.close()  # vanished without `finish`: an end of another attempt does not apply
+    run = nbbatch.open_run("a", store=str(store))
+    assert run.status == "interrupted" and "ended without marking the run" in (run.error or "")
+
+
+def test_a_torn_or_foreign_end_record_is_ignored(tmp_path: pathlib.Path) -> None:
+    store = tmp_path / "s.duckdb"
+    lock = WriterLock(str(store))
+    lock.record_end(End("abc", 1, Status.FAILED, "x" * 10000, 1.0))  # longer than the slot: shortened
+    lock.release()
+    end = ended(str(store))
+    assert end is not None and end.status is Status.FAILED and 3000 < len(end.error or "") < 3840
+    with open(str(store) + ".lock", "r+b") as handle:
+        handle.seek(300)
+        handle.write(b"garbage")
+    assert ended(str(store)) is None
+
+
 def test_querying_the_lock_never_makes_a_starting_writer_busy(tmp_path: pathlib.Path) -> None:
     store = tmp_path / "s.duckdb"
     WriterLock(str(store)).release()
@@ -362,7 +412,7 @@ def test_the_lock_file_is_never_truncated_nor_written_unless_it_is_ours(tmp_path
     try:
         writer.begin(spec(tmp_path, name="new"))
         text = lock.read_text()
-        assert text.startswith("nbbatch writer lock\nrun 'new', pid ") and len(text) == 256
+        assert text.startswith("nbbatch writer lock\nrun 'new', pid ") and len(text) == 4096  # holder + end slot
     finally:
         writer.close()
 
