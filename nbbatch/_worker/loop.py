@@ -6,8 +6,10 @@ reach rank 0 through torch.distributed). Must not import DuckDB, ``_launch`` or 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
 import socket
 import time
 import traceback
@@ -101,7 +103,22 @@ def _loader(spec: WorkerSpec, dataset: Any, dataloader_kwargs: dict[str, Any], t
     for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
         kwargs.pop(key, None)
     batches = [list(spec.sharding.indices(g)) for g in todo]
+    if kwargs.get("num_workers"):
+        kwargs["worker_init_fn"] = functools.partial(_loader_worker_init, kwargs.get("worker_init_fn"))
     return iter(DataLoader(dataset, batch_sampler=batches, **kwargs))
+
+
+def _loader_worker_init(user_init: Callable[[int], None] | None, worker_id: int) -> None:
+    """In each DataLoader worker process: ignore SIGTERM, then run the user's ``worker_init_fn``.
+
+    SLURM's preemption and container stops SIGTERM every process. torch's DataLoader workers die of
+    a SIGTERM not sent by their parent, and the next batch then raised "DataLoader worker exited
+    unexpectedly", failing a run that should be preempted. The nbbatch worker gets the same SIGTERM,
+    stops at the next checkpoint, and shuts its DataLoader (and so these processes) down.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if user_init is not None:
+        user_init(worker_id)
 
 
 def run_loop(

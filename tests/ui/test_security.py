@@ -9,6 +9,7 @@ button; and a run whose outputs are 2 MB strings, whose page must stay small.
 from __future__ import annotations
 
 import asyncio
+import threading
 import os
 import pathlib
 import re
@@ -148,7 +149,13 @@ def _ws_status(port: int, headers: dict[str, str]) -> int:
         await asyncio.wait_for(conn.read_message(), 20)  # None once the close completes
         return 101
 
-    return asyncio.run(connect())
+    # A thread of its own: in the full suite Playwright's sync API keeps an event loop running on this one.
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(asyncio.run(connect())), name="ws-handshake")
+    worker.start()
+    worker.join(60)
+    assert result, "the websocket handshake did not finish within 60 s"
+    return result[0]
 
 
 def test_websocket_refuses_rebinding_and_missing_token(served: Any) -> None:

@@ -1,4 +1,4 @@
-"""Imports only go down the flow drawn in STYLE.md; `import nbbatch` stays light."""
+"""Imports only go down the flow drawn in docs/ARCHITECTURE.md; `import nbbatch` stays light."""
 
 from __future__ import annotations
 
@@ -57,13 +57,13 @@ def test_imports_follow_the_flow(module: str, path: pathlib.Path) -> None:
     for prefix, banned in FORBIDDEN.items():
         if module == prefix or module.startswith(prefix + "."):
             bad = sorted(i for i in _imports(path) if any(i == b.rstrip(".") or i.startswith(b if b.endswith(".") else b + ".") or i == b for b in banned))
-            assert not bad, f"{module} imports {bad}, against the flow in STYLE.md"
+            assert not bad, f"{module} imports {bad}, against the flow in docs/ARCHITECTURE.md"
 
 
 @pytest.mark.parametrize("module,path", _modules(), ids=[m for m, _ in _modules()])
 def test_modules_stay_small(module: str, path: pathlib.Path) -> None:
     lines = len(path.read_text().splitlines())
-    assert lines <= 400, f"{module} has {lines} lines; split it by responsibility (STYLE.md: under 400)"
+    assert lines <= 400, f"{module} has {lines} lines; split it by responsibility (docs/ARCHITECTURE.md: under 400)"
 
 
 def test_import_is_lazy() -> None:
