@@ -11,11 +11,11 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from helpers import tiny_disk
 
 import nbbatch
 from nbbatch import StoreError, TorchBatchProcessor, torch_batch_process
@@ -52,19 +52,6 @@ def fill(path: str) -> None:
     with contextlib.suppress(OSError), open(path, "ab", buffering=0) as handle:
         while True:  # the last few bytes too
             handle.write(b"\0" * 512)
-
-
-@contextlib.contextmanager
-def tiny_disk(where: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to simulate a full disk: {done.stderr.strip() or done.returncode}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def go(store: pathlib.Path) -> nbbatch.Run:
