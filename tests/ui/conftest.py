@@ -176,8 +176,14 @@ def poll(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition
 
 
 @pytest.fixture(scope="session")
-def docs_dir() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parents[2] / "docs"
+def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Where screenshots go: ``docs/`` with ``NBBATCH_UPDATE_SCREENSHOTS=1``, else a temporary folder.
+
+    A plain test run must leave the checkout as it found it.
+    """
+    if os.environ.get("NBBATCH_UPDATE_SCREENSHOTS") == "1":
+        return pathlib.Path(__file__).resolve().parents[2] / "docs"
+    return tmp_path_factory.mktemp("screenshots")
 
 
 def has_chromium() -> bool:

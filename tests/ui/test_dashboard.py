@@ -3,7 +3,7 @@
 Each test starts runs with `scripts/slow_run.py` (2 workers, a sleeping processor) in a
 subprocess, serves the dashboard in this process (threaded, free port) and drives it with
 Playwright: live progress, reduced metrics, errors, outputs paging, Stop, and Resume through
-``nbbatch resume``. Screenshots land in ``docs/``.
+``nbbatch resume``. Screenshots land in ``docs/`` with ``NBBATCH_UPDATE_SCREENSHOTS=1``.
 """
 
 from __future__ import annotations
