@@ -120,15 +120,15 @@ def test_http_needs_the_token_and_an_allowed_host(served: Any) -> None:
     assert EVIL in refused["rebinding Host"].text and "--allow-host" in refused["rebinding Host"].text
     assert "token" in refused["no token"].text and "bokeh" not in refused["no token"].text.lower()
 
-    browser = requests.Session()
-    first = browser.get(served.url, allow_redirects=False)
-    assert first.status_code == 302 and first.headers["Location"] == "/"  # the token leaves the address bar
-    assert "HttpOnly" in first.headers["Set-Cookie"] and "SameSite=Lax" in first.headers["Set-Cookie"]
-    page = browser.get(base + "/")
-    assert page.status_code == 200 and "nbbatch" in page.text
-    assert requests.get(base + "/", headers={"Authorization": f"token {token}"}).status_code == 200
-    assert requests.get(f"http://127.0.0.1:{served.port}//{EVIL}/?token={token}",
-                        allow_redirects=False).headers["Location"] == f"/{EVIL}/"  # never an open redirect
+    with requests.Session() as browser:  # closed here: an open pool would warn in whichever test GC runs
+        first = browser.get(served.url, allow_redirects=False)
+        assert first.status_code == 302 and first.headers["Location"] == "/"  # the token leaves the address bar
+        assert "HttpOnly" in first.headers["Set-Cookie"] and "SameSite=Lax" in first.headers["Set-Cookie"]
+        page = browser.get(base + "/")
+        assert page.status_code == 200 and "nbbatch" in page.text
+        assert requests.get(base + "/", headers={"Authorization": f"token {token}"}).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{served.port}//{EVIL}/?token={token}",
+                            allow_redirects=False).headers["Location"] == f"/{EVIL}/"  # never an open redirect
 
 
 def _ws_status(port: int, headers: dict[str, str]) -> int:
