@@ -22,7 +22,7 @@ from typing import Any
 import duckdb
 
 from nbbatch._store.connection import ensure_schema, open_store
-from nbbatch._store.schema import outputs_table
+from nbbatch._store.schema import outputs_table_name
 from nbbatch._ui.dashboard import queries
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -50,7 +50,7 @@ def build(path: str, rows: int, runs: int = 20) -> None:
                  t0 + dt.timedelta(hours=i), t0 + dt.timedelta(hours=i), t0 + dt.timedelta(hours=i, minutes=50),
                  t0 + dt.timedelta(hours=i, minutes=50)],
             )
-        table = outputs_table(RUN_ID)
+        table = outputs_table_name(RUN_ID)
         con.execute(
             f"CREATE TABLE {table} AS SELECT ?::VARCHAR AS run_id, (g % ?)::INTEGER AS rank, (g // ?)::BIGINT AS batch_idx, "
             "g AS global_batch, s AS sample_index, [random()::FLOAT for _ in range(8)]::FLOAT[8] AS embedding, "

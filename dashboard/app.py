@@ -11,11 +11,12 @@ import argparse
 import os
 import sys
 
+from nbbatch._run import DEFAULT_STORE
 from nbbatch._ui.dashboard.app import build
 from nbbatch._ui.dashboard.auth import TOKEN_ENV, Access
 
 parser = argparse.ArgumentParser(prog="panel serve dashboard/app.py --args")
-parser.add_argument("--store", default="nbbatch.duckdb", help="the DuckDB store file")
+parser.add_argument("--store", default=DEFAULT_STORE, help="the DuckDB store file")
 parser.add_argument("--run", default=None, help="name or id of the run to show first")
 parser.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
                     help=f"access token that a URL's ?token= must carry (default: ${TOKEN_ENV})")

@@ -25,7 +25,7 @@ _EXPORTS = {
     "NbbatchError": "nbbatch._errors",
     "ResumeMismatch": "nbbatch._errors",
     "Run": "nbbatch._run",
-    "RunConfig": "nbbatch._api",
+    "RunConfig": "nbbatch._options",
     "RunFailed": "nbbatch._errors",
     "RunNotFound": "nbbatch._errors",
     "Status": "nbbatch._events",
@@ -45,7 +45,7 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "load_ipython_extension", "unload_ipython_extension"], key=str.lower)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nbbatch._api import RunConfig, torch_batch_process
+    from nbbatch._api import torch_batch_process
     from nbbatch._errors import (
         InvalidArgument,
         InvalidDataset,
@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
         WorkerFailed,
     )
     from nbbatch._events import Status
+    from nbbatch._options import RunConfig
     from nbbatch._processor import MetricReducer, TorchBatchProcessor, TorchBatchProcessorContext
     from nbbatch._run import Run, list_runs, open_run
     from nbbatch._table import TableDataset

@@ -7,62 +7,30 @@ names (`_validate_dataloader_kwargs`, `_validate_iterate_length`) stay module-le
 
 from __future__ import annotations
 
-import collections.abc
 import inspect
 import logging
 import math
 import os
-import signal
-import sys
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping, Sized
+from typing import Any
 
 import cloudpickle
 import torch
 from torch.utils.data import IterableDataset
 
-from nbbatch._errors import InvalidArgument, InvalidDataset, StoreError
+from nbbatch._errors import InvalidArgument, InvalidDataset
+from nbbatch._options import DEFAULT_BATCH_SIZE, OnError, RunConfig, option, validate
 from nbbatch._plan import make_sharding
-from nbbatch._progress import NullReporter, Reporter, terminal_reporter
+from nbbatch._progress import NullReporter, Reporter, in_jupyter, terminal_reporter
 from nbbatch._run import Run, default_store
-from nbbatch._store.control import clear_stop
-from nbbatch._store.schema import check_run_name, outputs_folder
-from nbbatch._store.writer import RunSpec, StoreWriter
+from nbbatch._store.schema import outputs_folder
+from nbbatch._store.writer import RunSpec
 from nbbatch._table import bind_inputs
 
 __all__ = ["RunConfig", "torch_batch_process"]
 
 logger = logging.getLogger("nbbatch")
-
-DEFAULT_BATCH_SIZE = 1
-
-OnError = Literal["raise", "skip"]
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The validated options of one call; the magic and the CLI only parse into this."""
-
-    batch_size: int
-    max_batches: int | None
-    checkpoint_interval: int
-    dataloader_kwargs: dict[str, Any]
-    num_processes: int
-    store: str
-    run_name: str | None
-    on_error: OnError
-    max_failures: int | None
-    batch_timeout: float | None
-    drop_last: bool
-    launch: dict[str, Any] | None = field(default=None)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-friendly view for the store (dataloader kwargs as reprs)."""
-        out = asdict(self)
-        out["dataloader_kwargs"] = {k: repr(v) for k, v in self.dataloader_kwargs.items()}
-        return out
-
 
 def _validate_dataloader_kwargs(dataloader_kwargs: dict[str, Any], batch_size: int | None) -> None:
     """Determined's checks, in Determined's order and words."""
@@ -96,32 +64,9 @@ def _validate_iterate_length(iterate_length: int | None, times_iterate: int) -> 
     return iterate_length
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = False, minimum: int = 1) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"`{name}` must be an integer, got {value!r}")
-    if value < minimum:
-        raise InvalidArgument(f"`{name}` must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_timeout(batch_timeout: Any) -> None:
-    """A finite positive number of seconds, or None; NaN would compare False and disable the timeout."""
-    if batch_timeout is None:
-        return
-    if isinstance(batch_timeout, bool) or not isinstance(batch_timeout, (int, float)) or not (
-        math.isfinite(batch_timeout) and batch_timeout > 0
-    ):
-        raise InvalidArgument(
-            f"`batch_timeout` must be a finite positive number of seconds, or None for no limit; got {batch_timeout!r}"
-        )
-
-
 def _check_trust(trust: Any) -> bool:
-    if not isinstance(trust, bool):
-        raise InvalidArgument(f"`trust` must be True or False, got {trust!r}")
-    return trust
+    """`trust` by its record in the options table (`_check` checked it too, before anything ran)."""
+    return bool(option("trust").require(trust))
 
 
 def _processor_name(cls: Any) -> str:
@@ -151,80 +96,53 @@ def _default_processes() -> int:
 
 
 def _check(
-    batch_processor_cls: Any,
-    dataset: Any,
-    batch_size: int | None,
-    max_batches: int | None,
-    checkpoint_interval: int,
-    dataloader_kwargs: dict[str, Any] | None,
-    num_processes: int | None,
-    store: str | None,
-    run_name: str | None,
-    on_error: str,
-    max_failures: int | None,
-    batch_timeout: float | None,
-    launch: dict[str, Any] | None,
-    world_size: int | None,
+    batch_processor_cls: Any, dataset: Any, given: Mapping[str, Any], world_size: int | None
 ) -> tuple[RunConfig, int, int]:
-    """Validate everything; returns the config, dataset length and iterate length."""
-    if isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, int) or checkpoint_interval <= 0:
-        raise InvalidArgument("checkpoint_interval should be a positive integer")
-    kwargs = dict(dataloader_kwargs or {})
-    _validate_dataloader_kwargs(kwargs, batch_size)
-    if batch_size is None:
-        batch_size = kwargs.pop("batch_size", DEFAULT_BATCH_SIZE)
-    _positive_int("batch_size", batch_size)
-    assert batch_size is not None
+    """Validate everything; returns the config, dataset length and iterate length.
+
+    ``given`` holds the options by name; their records check them first (`_options.validate`),
+    then come the checks that need more than one value or the dataset, and the defaults that
+    depend on the machine or the environment. ``world_size`` is torchrun's, or None locally.
+    """
+    values = validate(given)
+    kwargs = values["dataloader_kwargs"] = values["dataloader_kwargs"] or {}
+    _validate_dataloader_kwargs(kwargs, values["batch_size"])
+    if values["batch_size"] is None:
+        values["batch_size"] = option("batch_size").require(kwargs.pop("batch_size", DEFAULT_BATCH_SIZE))
     _check_processor(batch_processor_cls)
+    n = _dataset_len(dataset)
+    values["num_processes"] = world_size or values["num_processes"] or _default_processes()
+    # Called from here, so that its warnings' stacklevel points at the caller of torch_batch_process.
+    iterate_length = _validate_iterate_length(
+        values["max_batches"], math.ceil(n / values["batch_size"] / values["num_processes"])
+    )
+    if values["store"] is None:
+        values["store"] = option("store").require(default_store())
+    return RunConfig.of(values), n, iterate_length
+
+
+def _dataset_len(dataset: Any) -> int:
+    """A map-style dataset's length; nbbatch shards by index."""
     if isinstance(dataset, IterableDataset):
         raise InvalidArgument(
             "IterableDatasets are not supported: nbbatch shards by index; wrap the data in a map-style "
             "Dataset with `__len__` and `__getitem__`"
         )
-    if not isinstance(dataset, collections.abc.Sized):
+    if not isinstance(dataset, Sized):
         raise InvalidDataset("Dataset must implement __len__()")
-    n = len(dataset)
-    if world_size is None:
-        world_size = _positive_int("num_processes", num_processes if num_processes is not None else _default_processes())
-    assert world_size is not None
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)):
-        raise InvalidArgument(f"`max_batches` must be an integer or None, got {max_batches!r}")
-    iterate_length = _validate_iterate_length(max_batches, math.ceil(n / batch_size / world_size))
-    if on_error not in ("raise", "skip"):
-        raise InvalidArgument(f"`on_error` must be \"raise\" or \"skip\", got {on_error!r}")
-    _positive_int("max_failures", max_failures, allow_none=True, minimum=0)
-    _check_timeout(batch_timeout)
-    if run_name is not None:
-        check_run_name(run_name)
-    store = os.path.abspath(os.fspath(store) if store is not None else default_store())
-    if os.path.isdir(store):
-        raise InvalidArgument(f"`store` must be a file path such as `{os.path.join(store, 'nbbatch.duckdb')}`, not a folder")
-    config = RunConfig(
-        batch_size=batch_size, max_batches=max_batches, checkpoint_interval=checkpoint_interval,
-        dataloader_kwargs=kwargs, num_processes=world_size, store=store, run_name=run_name,
-        on_error=on_error,  # type: ignore[arg-type]
-        max_failures=max_failures, batch_timeout=batch_timeout, drop_last=bool(kwargs.get("drop_last", False)),
-        launch=launch,
-    )
-    return config, n, iterate_length
+    return len(dataset)
 
 
-def _reporter(progress: bool | Reporter) -> Reporter:
+def _reporter(progress: bool | Reporter, store: str) -> Reporter:
+    """The display ``progress`` asks for; in Jupyter the widget, which reads worker tracebacks from ``store``."""
     if progress is False or progress is None:
         return NullReporter()
     if progress is not True:
         return progress
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-    except ImportError:  # pragma: no cover - IPython is a dependency
-        shell = None
-    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
+    if in_jupyter():
         from nbbatch._ui.widgets import widget_reporter
 
-        reporter: Reporter = widget_reporter()
-        return reporter
+        return widget_reporter(store)
     return terminal_reporter()
 
 
@@ -303,6 +221,7 @@ def torch_batch_process(
         >>> run = torch_batch_process(MyProcessor, dataset, batch_size=64, num_processes=2)  # doctest: +SKIP
         >>> run.outputs().df()                                                              # doctest: +SKIP
     """
+    given = dict(locals())  # the options by name, as `_options.OPTIONS` lists them (a unit test keeps both in step)
     if distributed_context is not None:
         raise InvalidArgument(
             "`distributed_context` is Determined-specific; nbbatch joins torch.distributed by itself "
@@ -319,11 +238,7 @@ def torch_batch_process(
             f"`num_processes={num_processes}` conflicts with torchrun (WORLD_SIZE={env.world_size}); under torchrun "
             f"each process is one worker, so leave `num_processes` unset"
         )
-    config, n, iterate_length = _check(
-        batch_processor_cls, dataset, batch_size, max_batches, checkpoint_interval, dataloader_kwargs,
-        num_processes, None if store is None else os.fspath(store), run_name, on_error, max_failures,
-        batch_timeout, launch, env.world_size if env is not None else None,
-    )
+    config, n, iterate_length = _check(batch_processor_cls, dataset, given, env.world_size if env is not None else None)
     dataset, inputs = bind_inputs(dataset, config.store, n)  # a TableDataset's rows, fixed for the whole run
     user = _pickle_user_code(batch_processor_cls, dataset, config.dataloader_kwargs)
     fresh = make_sharding(n, config.batch_size, config.num_processes, iterate_length=iterate_length,
@@ -337,57 +252,7 @@ def torch_batch_process(
         launch=config.launch, config=config.describe(), trust=_check_trust(trust), inputs=inputs,
     )
     if env is not None:
-        run: Run = torchrun.run(config, spec, user, fresh, _reporter(progress), env)
-        return run
-    return _run_local(config, spec, user, _reporter(progress))
+        return torchrun.run(config, spec, user, _reporter(progress, config.store), env)
+    from nbbatch._launch.local import run_local
 
-
-def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter) -> Run:
-    from nbbatch._launch.attempt import attempt_spec
-    from nbbatch._launch.local import launch_local
-
-    writer = StoreWriter(config.store)
-    try:
-        record = writer.begin(spec)
-        clear_stop(writer.path, record.run_id)
-        if record.status == "done":
-            logger.info("run %r is already done in %s; returning it as is", record.name, config.store)
-            return Run(config.store, record.run_id)
-        sharding, worker_spec = attempt_spec(config, spec.dataset_len, config.num_processes, user, record)
-        try:
-            outcome = launch_local(worker_spec, record, sharding, writer, reporter, batch_timeout=config.batch_timeout)
-        except BaseException as exc:
-            _finish_quietly(writer, record, "failed", f"{type(exc).__name__}: {exc}")
-            raise
-        if outcome.error is None:
-            writer.finish(record, outcome.status, outcome.reduced, None)
-        else:  # the run's own error (a full disk, say) is the one to raise, not a failing status update
-            _finish_quietly(writer, record, outcome.status, str(outcome.error), outcome.reduced)
-        if outcome.used_upload_path:
-            logger.info("Files stored with default paths are at: %s", record.output_dir)
-    finally:
-        writer.close()
-    run = Run(config.store, record.run_id)
-    if outcome.error is not None:
-        raise outcome.error
-    if outcome.interrupted_by == signal.SIGINT:
-        raise KeyboardInterrupt(f"run {record.name!r} preempted and committed; resume with run_name={record.name!r}")
-    if outcome.interrupted_by == signal.SIGTERM:
-        sys.exit(128 + signal.SIGTERM)
-    return run
-
-
-def _finish_quietly(
-    writer: StoreWriter, record: Any, status: str, error: str, reduced: dict[str, Any] | None = None
-) -> None:
-    """Set the final status of a run that already has an error to raise; a failure here is only logged.
-
-    The run's own error (a full disk, say) is what the caller raises. When the store refuses the
-    status too, `StoreWriter.finish` keeps it in the lock file and its message says so.
-    """
-    try:
-        writer.finish(record, status, reduced, error)
-    except StoreError as exc:
-        logger.warning("nbbatch: %s", exc)
-
-
+    return run_local(config, spec, user, _reporter(progress, config.store))

@@ -9,24 +9,22 @@ from __future__ import annotations
 import enum
 import sys
 from dataclasses import dataclass, field
-from typing import Any, NewType, Union
+from typing import Any, Union
 
 __all__ = [
     "BatchDone",
     "BatchFailed",
     "BatchStarted",
     "CheckpointDone",
+    "Control",
     "Event",
     "MetricRecord",
     "Reduced",
-    "RunId",
     "SegmentWritten",
     "Status",
     "WorkerFinished",
     "WorkerReady",
 ]
-
-RunId = NewType("RunId", str)
 
 if sys.version_info >= (3, 11):
     _StrEnum = enum.StrEnum
@@ -68,6 +66,12 @@ class Status(_StrEnum):
     def resumable(self) -> bool:
         """Whether naming the run resumes it (failed, preempted or interrupted)."""
         return self in (Status.FAILED, Status.PREEMPTED, Status.INTERRUPTED)
+
+
+class Control(_StrEnum):
+    """A message on a local worker's control pipe (launcher -> worker)."""
+
+    STOP = "stop"  # finish the current step, commit it, and leave as preempted
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 __all__ = ["Fingerprint", "Sharding", "make_sharding"]
 
@@ -24,12 +24,22 @@ class Fingerprint:
     processor: str
     max_batches: int | None
 
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The fields, in the order `first_difference` compares them (also the store's column names)."""
+        return tuple(f.name for f in fields(cls))
+
     def first_difference(self, other: Fingerprint) -> tuple[str, object, object] | None:
-        """Return ``(field, self_value, other_value)`` for the first differing field, or None."""
-        mine, theirs = asdict(self), asdict(other)
-        for field in ("dataset_len", "batch_size", "processor", "max_batches"):
-            if mine[field] != theirs[field]:
-                return field, mine[field], theirs[field]
+        """Return ``(field, self_value, other_value)`` for the first differing field, or None.
+
+        Example:
+            >>> Fingerprint(8, 2, "m.P", None).first_difference(Fingerprint(9, 2, "m.P", None))
+            ('dataset_len', 8, 9)
+        """
+        for name in self.names():
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return name, mine, theirs
         return None
 
 

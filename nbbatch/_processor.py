@@ -22,7 +22,14 @@ import torch
 from nbbatch._errors import InvalidArgument
 from nbbatch._events import MetricRecord
 
-__all__ = ["MetricReducer", "TorchBatchProcessor", "TorchBatchProcessorContext", "get_default_device"]
+__all__ = [
+    "Ledger",
+    "MetricReducer",
+    "TorchBatchProcessor",
+    "TorchBatchProcessorContext",
+    "get_default_device",
+    "worker_context",
+]
 
 logger = logging.getLogger("nbbatch")
 
@@ -74,7 +81,7 @@ class _SimpleReducer(MetricReducer):
 
     def update(self, value: Any) -> None:
         """Record one value (typically one per batch)."""
-        global_batch = self._context._global_batch if self._context is not None else -1
+        global_batch = self._context._ledger.global_batch if self._context is not None else -1
         self.values.append((global_batch, next(self._seq), value))
 
     def per_slot_reduce(self) -> Any:
@@ -167,9 +174,6 @@ def get_default_device(local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}")
 
 
-_warned_logger = logging.getLogger("nbbatch")
-
-
 def to_device(data: Any, device: torch.device, warned_types: set[type] | None = None) -> Any:
     """Move tensors (and numpy arrays) in nested dicts/lists/tuples to ``device``."""
     if warned_types is None:
@@ -186,7 +190,7 @@ def to_device(data: Any, device: torch.device, warned_types: set[type] | None = 
         return data.to(device)
     if type(data) not in warned_types:
         warned_types.add(type(data))
-        _warned_logger.warning(f"Was not able to move data item of type '{type(data).__name__}' to device.")
+        logger.warning("Was not able to move data item of type '%s' to device.", type(data).__name__)
     return data
 
 
@@ -212,10 +216,7 @@ class TorchBatchProcessorContext:
         self._storage_path = self._output_dir / f"rank_{rank}"
         self._tensorboard_path = self._output_dir / "tensorboard" / f"rank_{rank}"
         self.device = device if device is not None else get_default_device(local_rank)
-        self._use_default_storage = False
-        self._wrapped_reducers: list[_WrappedReducer] = []
-        self._metrics: list[MetricRecord] = []
-        self._global_batch = -1
+        self._ledger = Ledger()
         self._hparams: dict[str, Any] = {}
 
     # -- Determined API -------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class TorchBatchProcessorContext:
         A plain function receives every ``update()``d value in global batch order. A
         ``MetricReducer`` is reduced with its own ``per_slot_reduce``/``cross_slot_reduce``.
         """
-        if reducer in [w.reducer for w in self._wrapped_reducers]:
+        if reducer in [w.reducer for w in self._ledger.reducers]:
             raise AssertionError(
                 f"Detected the same reducer of type {type(reducer).__name__} in context.wrap_reducer(), "
                 "please avoid calling wrap_reducer() on the same reducer object twice."
@@ -254,7 +255,7 @@ class TorchBatchProcessorContext:
                     f"Detected invalid reducer in wrap_reducer() of type {type(reducer).__name__}. Reducers "
                     "must either be a function or a subclass of pytorch.MetricReducer."
                 )
-        self._wrapped_reducers.append(_WrappedReducer(reducer, name, for_training, for_validation))
+        self._ledger.reducers.append(_WrappedReducer(reducer, name, for_training, for_validation))
         return reducer
 
     @contextlib.contextmanager
@@ -264,7 +265,7 @@ class TorchBatchProcessorContext:
         Files written there are at-least-once: after a resume, batches after the last checkpoint
         are processed again, so name files by ``batch_idx`` to overwrite instead of duplicating.
         """
-        self._use_default_storage = True
+        self._ledger.used_upload_path = True
         self._storage_path.mkdir(parents=True, exist_ok=True)
         yield self._storage_path
 
@@ -279,7 +280,7 @@ class TorchBatchProcessorContext:
             raise InvalidArgument(f"metric group {group!r} must be a string without '.'; e.g. `group=\"inference\"`")
         if not isinstance(metrics, dict):
             raise InvalidArgument(f"`metrics` must be a dict of name to value, got {type(metrics).__name__}")
-        self._metrics.append(
+        self._ledger.metrics.append(
             MetricRecord(group, int(steps_completed), tuple((str(k), _plain(v)) for k, v in metrics.items()), time.time())
         )
 
@@ -303,11 +304,6 @@ class TorchBatchProcessorContext:
         """Determined links trials to checkpoints; nbbatch has no registry, so this only logs."""
         logger.info("report_task_using_checkpoint(%r) ignored: nbbatch has no model registry", checkpoint)
 
-    # -- engine side ------------------------------------------------------------------------------
-    def _take_metrics(self) -> tuple[MetricRecord, ...]:
-        taken, self._metrics = tuple(self._metrics), []
-        return taken
-
 
 def _plain(value: Any) -> Any:
     """Turn tensors into Python numbers/lists so metrics pickle cheaply."""
@@ -317,6 +313,59 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _plain_tree(value: Any) -> Any:
+    """`_plain` through nested dicts, lists and tuples (reduced metrics)."""
+    if isinstance(value, dict):
+        return {k: _plain_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_tree(v) for v in value)
+    return _plain(value)
+
+
+class Ledger:
+    """The engine's side of one context: what user code registered and reported through it.
+
+    Not part of Determined's API. The batch loop owns one ledger per worker, builds the context
+    around it (`worker_context`), and reads it at batches, checkpoints and the end; the context
+    only writes into it.
+
+    Attributes:
+        reducers: the wrapped reducers, in registration order.
+        metrics: ``report_metrics`` calls not yet taken by the loop.
+        global_batch: the batch in ``process_batch`` now (tags function reducers' values); -1 outside.
+        used_upload_path: whether user code asked for ``upload_path()``.
+    """
+
+    def __init__(self) -> None:
+        self.reducers: list[_WrappedReducer] = []
+        self.metrics: list[MetricRecord] = []
+        self.global_batch = -1
+        self.used_upload_path = False
+
+    def take_metrics(self) -> tuple[MetricRecord, ...]:
+        """The metrics reported since the last call (they travel with the next event)."""
+        taken, self.metrics = tuple(self.metrics), []
+        return taken
+
+    def per_slot_states(self) -> list[Any]:
+        """Each reducer's ``per_slot_reduce()`` value, in registration order."""
+        return [w.per_slot_reduce() for w in self.reducers]
+
+    def reduce(self, per_slot: list[list[Any]]) -> dict[str, Any]:
+        """The final metrics from per-slot states (one list per slot), as plain Python values."""
+        metrics = run_cross_slot_reduction(self.reducers, per_slot)
+        return {str(k): _plain_tree(v) for k, v in metrics.items()}
+
+
+def worker_context(
+    ledger: Ledger, rank: int, world_size: int, local_rank: int, output_dir: str | pathlib.Path
+) -> TorchBatchProcessorContext:
+    """The context of one worker, reporting into ``ledger`` (the batch loop's)."""
+    context = TorchBatchProcessorContext(rank, world_size, local_rank, output_dir, get_default_device(local_rank))
+    context._ledger = ledger
+    return context
 
 
 class TorchBatchProcessor(metaclass=abc.ABCMeta):

@@ -1,7 +1,10 @@
 """The Run handle: a view of one run in the store, returned by `torch_batch_process`.
 
 It holds only the store path and the run id; every property reads the store, so a handle from
-another process (or an old one) always shows the current state. Must not import ``_launch``.
+another process (or an old one) always shows the current state. `batch_counts` is the one reading
+of a summary's counts (the dashboard uses it too), and the notebook view takes its colours and
+fraction done from ``_progress``, as the widget and the dashboard do. Must not import ``_launch``
+or ``_ui``.
 """
 
 from __future__ import annotations
@@ -10,24 +13,57 @@ import html
 import os
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import duckdb
 
 from nbbatch._errors import InvalidArgument
 from nbbatch._events import Status
+from nbbatch._progress import fraction_done, status_color
 from nbbatch._store import inputs as store_inputs
 from nbbatch._store import reader
 from nbbatch._store.control import stop_file
 
-__all__ = ["Run", "list_runs", "open_run"]
+__all__ = ["Run", "batch_counts", "list_runs", "open_run"]
 
 DEFAULT_STORE = "nbbatch.duckdb"
+#: Seconds between two reads of the store while `Run.wait` waits for a run of another process.
+WAIT_POLL_SECONDS = 0.5
+#: The notebook view previews this many output rows, of at most this many columns and characters each.
+PREVIEW_ROWS = 5
+PREVIEW_COLUMNS = 12
+PREVIEW_CHARS = 60
 
 
 def default_store() -> str:
     """``$NBBATCH_STORE`` or ``nbbatch.duckdb`` in the working directory."""
     return os.environ.get("NBBATCH_STORE") or DEFAULT_STORE
+
+
+def batch_counts(summary: Mapping[str, Any]) -> dict[str, int]:
+    """A run summary's batch and row counts, as `Run.counts` describes them.
+
+    ``done_batches`` is the live count (batches done before this attempt plus those done in it)
+    or the committed count, whichever is ahead: live counters lag a checkpoint only briefly, and
+    a finished attempt's counters are gone from a resumed run.
+
+    Args:
+        summary: a row of ``reader.run_summary`` or ``reader.list_runs``.
+    """
+    committed = int(summary["committed_batches"] or 0)
+    return {
+        "total_batches": int(summary["real_batches"] or 0),
+        "done_batches": max(int(summary["done_at_start"] or 0) + int(summary["live_batches"] or 0), committed),
+        "committed_batches": committed,
+        "failed_batches": int(summary["live_failed"] or 0),
+        "rows": int(summary["committed_rows"] or 0),
+        "errors": int(summary["errors"] or 0),
+    }
+
+
+def _fraction(counts: Mapping[str, int]) -> float:
+    return fraction_done(counts["done_batches"], counts["failed_batches"], counts["total_batches"])
 
 
 class Run:
@@ -44,7 +80,7 @@ class Run:
         self.store = os.path.abspath(store)
         self.id = run_id
         self._summary = summary
-        # Set by `%batchprocess --background`: the thread running the launcher and its error.
+        # See `attach_background`: the thread of this process that runs the launcher, and its error.
         self._thread: threading.Thread | None = None
         self._failure: list[BaseException] = []
 
@@ -90,15 +126,16 @@ class Run:
         exactly once; ``failed_batches`` failing batches of the latest attempt; ``errors`` all
         recorded errors.
         """
-        s = self.summary
-        return {
-            "total_batches": int(s["real_batches"] or 0),
-            "done_batches": max(int(s["done_at_start"] or 0) + int(s["live_batches"]), int(s["committed_batches"])),
-            "committed_batches": int(s["committed_batches"]),
-            "failed_batches": int(s["live_failed"]),
-            "rows": int(s["committed_rows"]),
-            "errors": int(s["errors"]),
-        }
+        return batch_counts(self.summary)
+
+    @property
+    def fraction_done(self) -> float:
+        """Share of planned batches processed, failed (skipped) ones included, read fresh.
+
+        The number every progress display shows (widget, dashboard, the CLI's bar); 1.0 once a
+        run ended ``done``, even with skipped batches.
+        """
+        return _fraction(self.counts)
 
     @property
     def reduced_metrics(self) -> dict[str, Any]:
@@ -176,7 +213,26 @@ class Run:
         with open(stop_file(self.store, self.id), "w") as handle:
             handle.write(str(time.time()))
 
-    def wait(self, timeout: float | None = None, poll: float = 0.5) -> Run:
+    def attach_background(self, thread: threading.Thread, failures: list[BaseException]) -> None:
+        """Tie this handle to the thread of this process that runs its launcher (for nbbatch's own use).
+
+        ``%batchprocess --background`` calls it: from then on `wait` joins ``thread`` and raises
+        the first error in ``failures``, the list the thread appends the run's error to, as a
+        blocking call would have raised it.
+
+        Args:
+            thread: the thread running `torch_batch_process` for this run.
+            failures: filled by that thread when the run raises; read when it ends.
+        """
+        self._thread = thread
+        self._failure = failures
+
+    @property
+    def running_in_background(self) -> bool:
+        """Whether a thread attached with `attach_background` still runs this run's launcher."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None, poll: float = WAIT_POLL_SECONDS) -> Run:
         """Block until the run leaves ``running`` (or ``timeout`` seconds pass); returns the run.
 
         It returns for every other status, ``interrupted`` included: a run whose launcher was
@@ -210,65 +266,87 @@ class Run:
             s = self.summary
         except Exception:  # a repr must not raise
             return f"<nbbatch.Run {self.id} (store unavailable)>"
+        counts = batch_counts(s)
         return (
-            f"<nbbatch.Run {s['name']!r} {s['status']}: {s['committed_batches']}/{s['real_batches']} batches, "
-            f"{s['committed_rows']} rows, {s['errors']} errors>"
+            f"<nbbatch.Run {s['name']!r} {s['status']}: {100 * _fraction(counts):.0f}% done, "
+            f"{counts['committed_batches']}/{counts['total_batches']} batches committed, {counts['rows']} rows, "
+            f"{counts['errors']} errors>"
         )
 
     def _repr_html_(self) -> str:
-        """Notebook view: status, counts, duration, throughput, reduced metrics, first 5 outputs."""
-        esc = html.escape
+        """Notebook view: status, counts, duration, throughput, reduced metrics, first outputs."""
         try:
             s = self.summary
         except Exception as exc:  # noqa: BLE001 - a display hook must not raise
-            return f"<div><b>nbbatch run</b> <code>{esc(self.id)}</code>: store unavailable ({esc(str(exc))})</div>"
-        started, ended = s.get("started_at"), s.get("finished_at") or s.get("updated_at")
-        seconds = (ended - started).total_seconds() if started is not None and ended is not None else None
-        rows = int(s["committed_rows"] or 0)
-        color = {
-            Status.DONE: "#2e7d32", Status.FAILED: "#c62828", Status.PREEMPTED: "#ef6c00", Status.INTERRUPTED: "#6a1b9a",
-        }.get(s["status"], "#1565c0")
-        fields = [
-            ("batches", f"{s['committed_batches']}/{s['real_batches']} committed"),
-            ("samples", f"{rows:,}"),
-            ("errors", f"{s['errors']} recorded" + (f", {s['live_failed']} failed batches" if s["live_failed"] else "")),
-            ("workers", f"{s['world_size']} (attempt {s['attempt']})"),
-            ("duration", f"{seconds:.1f} s" if seconds is not None else "?"),
-            ("throughput", f"{rows / seconds:,.1f} samples/s" if seconds else "?"),
-            ("store", self.store),
-        ]
-        cell = "style='text-align:left;padding:1px 12px 1px 0'"
-        table = "".join(f"<tr><th {cell}>{esc(k)}</th><td {cell}>{esc(str(v))}</td></tr>" for k, v in fields)
-        metrics = "".join(
-            f"<tr><th {cell}>{esc(str(k))}</th><td {cell}><code>{esc(repr(v) if not isinstance(v, str) else v)}</code></td></tr>"
-            for k, v in (s["reduced_metrics"] or {}).items()
-        )
+            return (f"<div><b>nbbatch run</b> <code>{html.escape(self.id)}</code>: store unavailable "
+                    f"({html.escape(str(exc))})</div>")
         error = s.get("error")
+        status = str(s["status"])
         parts = [
             (
                 "<div class='nbbatch-run' style='font-family:sans-serif;border:1px solid #ddd;border-radius:6px;"
                 "padding:8px;max-width:760px;overflow-x:auto'>"
-                f"<b>nbbatch run</b> <code>{esc(str(s['name']))}</code> "
-                f"<span style='color:{color};font-weight:bold'>{esc(str(s['status']))}</span>"
+                f"<b>nbbatch run</b> <code>{html.escape(str(s['name']))}</code> "
+                f"<span style='color:{status_color(status)};font-weight:bold'>{html.escape(status)}</span>"
             ),
-            f"<table>{table}</table>",
-            f"<b>reduced metrics</b><table>{metrics}</table>" if metrics else "",
-            f"<pre style='color:#c62828;white-space:pre-wrap;max-height:200px;overflow:auto'>{esc(str(error))}</pre>"
-            if error else "",
+            f"<table>{_html_rows(_summary_fields(s, self.store))}</table>",
         ]
-        if rows:
-            try:
-                frame = self.outputs().limit(5).df()
-                # Long texts or vectors are clipped so the preview stays a few lines high.
-                def clip(value: Any) -> str:
-                    text = str(value)
-                    return text if len(text) <= 60 else text[:59] + "…"
-
-                frame = frame.map(clip)
-                parts.append("<b>first outputs</b>" + frame.to_html(index=False, max_cols=12, border=0, escape=True))
-            except Exception:  # noqa: BLE001, S110 - the preview is optional (e.g. the store is mid-flush)
-                pass
+        metrics = _html_rows((str(k), v if isinstance(v, str) else repr(v), True)
+                             for k, v in (s["reduced_metrics"] or {}).items())
+        if metrics:
+            parts.append(f"<b>reduced metrics</b><table>{metrics}</table>")
+        if error:
+            parts.append(f"<pre style='color:{status_color(Status.FAILED)};white-space:pre-wrap;max-height:200px;"
+                         f"overflow:auto'>{html.escape(str(error))}</pre>")
+        if batch_counts(s)["rows"]:
+            parts.append(self._outputs_preview())
         return "".join(parts) + "</div>"
+
+    def _outputs_preview(self) -> str:
+        """The first outputs as an HTML table; empty when they cannot be read now."""
+        try:
+            frame = self.outputs().limit(PREVIEW_ROWS).df()
+            # Long texts or vectors are clipped so the preview stays a few lines high.
+            frame = frame.map(_clip)
+            table = frame.to_html(index=False, max_cols=PREVIEW_COLUMNS, border=0, escape=True)
+            return f"<b>first outputs</b>{table}"
+        except Exception:  # noqa: BLE001 - the preview is optional (e.g. the store is mid-flush)
+            return ""
+
+
+_CELL = "style='text-align:left;padding:1px 12px 1px 0'"
+
+
+def _summary_fields(s: Mapping[str, Any], store: str) -> list[tuple[str, str, bool]]:
+    """The notebook view's ``(name, value, as code)`` rows: counts, fraction done, duration, throughput."""
+    counts = batch_counts(s)
+    started, ended = s.get("started_at"), s.get("finished_at") or s.get("updated_at")
+    seconds = (ended - started).total_seconds() if started is not None and ended is not None else None
+    failed = f", {counts['failed_batches']} failed batches" if counts["failed_batches"] else ""
+    return [
+        ("batches", f"{counts['committed_batches']}/{counts['total_batches']} committed, "
+                    f"{100 * _fraction(counts):.0f}% done", False),
+        ("samples", f"{counts['rows']:,}", False),
+        ("errors", f"{counts['errors']} recorded{failed}", False),
+        ("workers", f"{s['world_size']} (attempt {s['attempt']})", False),
+        ("duration", f"{seconds:.1f} s" if seconds is not None else "?", False),
+        ("throughput", f"{counts['rows'] / seconds:,.1f} samples/s" if seconds else "?", False),
+        ("store", store, False),
+    ]
+
+
+def _html_rows(fields: Iterable[tuple[str, str, bool]]) -> str:
+    """``(name, value, as code)`` triples as escaped table rows."""
+    out = []
+    for name, value, code in fields:
+        shown = f"<code>{html.escape(value)}</code>" if code else html.escape(value)
+        out.append(f"<tr><th {_CELL}>{html.escape(name)}</th><td {_CELL}>{shown}</td></tr>")
+    return "".join(out)
+
+
+def _clip(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS - 1] + "…"
 
 
 def open_run(name_or_id: str, store: str | None = None) -> Run:

@@ -1,8 +1,12 @@
-"""Shared test helpers: polling with a deadline, the processes of a run, a tiny disk, exactly-once checks.
+"""Shared test helpers: polling with a deadline, the processes of a run, reading a run's row, the
+``nbbatch`` command, a tiny disk, exactly-once checks, and the shared processor pieces.
 
 Importable as ``helpers`` from any test (``tests/conftest.py`` puts this folder on ``sys.path``).
 The processes of a run are found by an environment tag, not by parentage: a worker whose parent
 died is re-parented to init, and must still count as "left behind".
+
+`Sum`, `Summing` and `fill` live in ``integration/scripts/procs.py``, because scripts run as
+subprocesses import them too; they are re-exported here so that tests have one place to import from.
 """
 
 from __future__ import annotations
@@ -23,21 +27,29 @@ import pytest
 
 SCRIPTS = pathlib.Path(__file__).resolve().parent / "integration" / "scripts"
 if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))  # `fault_procs` under the same module name as in the scripts
+    sys.path.insert(0, str(SCRIPTS))  # `procs`, `fault_procs` under the same module names as in the scripts
+
+from procs import Sum, Summing, fill  # noqa: E402, F401 - re-exported: tests import them from here
 
 TAG = "NBBATCH_TEST_TAG"
 T = TypeVar("T")
 
 
 def poll(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.02) -> T:
-    """Call ``check`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    """Call ``check`` every ``every`` seconds until it returns something truthy, and return that.
+
+    Raises:
+        AssertionError: ``timeout`` seconds passed first; the message says ``what`` was awaited.
+            An `AssertionError`, not `pytest.fail`, so that it also reads right from a thread
+            or a worker process.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(every)
 
 
@@ -98,11 +110,63 @@ def leftovers(tag: str, sid: int | None, within: float = 5.0) -> list[psutil.Pro
         time.sleep(0.05)
 
 
+def worker_processes(pid: int | None = None) -> list[psutil.Process]:
+    """Live workers of process ``pid``'s runs (default: this process): its descendants but its children.
+
+    Its children are the server workers start from (a forkserver or a zygote) and multiprocessing's
+    resource tracker, which may outlive a run; workers (and their DataLoader workers) are theirs.
+    """
+    try:
+        root = psutil.Process(pid)
+        descendants = root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for proc in descendants:
+        try:
+            if proc.ppid() != root.pid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def kill_tagged(tag: str) -> None:
     """Clean-up after a failed test: SIGKILL whatever still carries ``tag``."""
     for proc in tagged(tag):
         with contextlib.suppress(psutil.Error):
             proc.kill()
+
+
+def run_summary(store: str | pathlib.Path, name: str) -> dict[str, Any]:
+    """The run's row plus counts as readers report it, through a short read-only connection."""
+    from nbbatch._store import reader
+
+    with reader.reading(str(store)) as con:
+        return reader.run_summary(con, name)
+
+
+def summary(store: str | pathlib.Path, name: str) -> dict[str, Any] | None:
+    """`run_summary`, or None while the store or the run's row is not there yet (a run still starting)."""
+    from nbbatch import RunNotFound, StoreError
+
+    try:
+        return run_summary(store, name)
+    except (StoreError, RunNotFound):
+        return None
+
+
+def committed(store: str | pathlib.Path, name: str) -> int:
+    """The run's committed batches; 0 while the store or the run's row is not there yet."""
+    row = summary(store, name)
+    return int(row["committed_batches"]) if row else 0
+
+
+def nbbatch_cli(*args: str, cwd: str | pathlib.Path | None = None, env: dict[str, str] | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m nbbatch ARGS`` in a subprocess, its output captured; ``env`` adds to this process's."""
+    return subprocess.run([sys.executable, "-m", "nbbatch", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @contextlib.contextmanager

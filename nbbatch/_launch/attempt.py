@@ -1,17 +1,22 @@
-"""The sharding and worker spec of one attempt, shared by the local and torchrun launchers."""
+"""The sharding and worker spec of one attempt, shared by the local and torchrun transports."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nbbatch._plan import Sharding, make_sharding
+from nbbatch._store.writer import RunRecord
 from nbbatch._worker.loop import WorkerSpec
+
+if TYPE_CHECKING:
+    from nbbatch._options import RunConfig
 
 __all__ = ["attempt_spec"]
 
 
-def attempt_spec(config: Any, dataset_len: int, world_size: int, user: bytes, run: Any) -> tuple[Sharding, WorkerSpec]:
-    """The sharding and worker spec of one attempt of ``run`` (a `RunRecord` or what rank 0 broadcast).
+def attempt_spec(config: RunConfig, dataset_len: int, world_size: int, user: bytes,
+                 run: RunRecord) -> tuple[Sharding, WorkerSpec]:
+    """The sharding and worker spec of one attempt of ``run``.
 
     The plan comes from the store (``run.planned_batches``), so a resume covers the same global
     batches whatever its worker count.

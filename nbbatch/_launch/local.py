@@ -1,9 +1,9 @@
-"""The local launcher: start N worker processes, stream their events into the store, watch them.
+"""The local transport: N worker processes started from a forkserver, their events read from pipes.
 
 Workers come from a forkserver that preloads torch (a fresh worker costs ~10 ms after the first
 run instead of ~2 s for spawn, and never inherits the parent's OpenMP threads or CUDA state, which
-make ``fork`` hang). Each worker has its own event pipe and a control pipe; the launcher is the
-store's only writer.
+make ``fork`` hang). Each worker has its own event pipe and a control pipe. This module only moves
+events and watches processes; the run's lifecycle (commits, status, errors) is `Lifecycle`'s.
 """
 
 from __future__ import annotations
@@ -13,44 +13,35 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from nbbatch._errors import NbbatchError, RunFailed, StoreError, WorkerDied, WorkerFailed
-from nbbatch._events import BatchFailed
-from nbbatch._plan import Sharding
-from nbbatch._progress import Reporter
-from nbbatch._store.control import stop_file
-from nbbatch._store.writer import RunRecord, StoreWriter
+from nbbatch._errors import StoreError, WorkerDied
+from nbbatch._events import Control, Status
+from nbbatch._launch.attempt import attempt_spec
 from nbbatch._launch.forkserver import context, ensure_started
+from nbbatch._launch.lifecycle import FLUSH_SECONDS, Lifecycle, Signals, begin, conclude
 from nbbatch._launch.supervisor import Supervisor
 from nbbatch._launch.workers import WorkerProcess, kill_all, shut_down
-from nbbatch._worker.entry import worker_main
-from nbbatch._worker.loop import WorkerSpec
+from nbbatch._progress import Reporter
+from nbbatch._run import Run
+from nbbatch._store.writer import RunSpec
+from nbbatch._worker.entry import WorkerArgs, worker_main
 
-__all__ = ["Outcome", "default_threads", "launch_local"]
+if TYPE_CHECKING:
+    from nbbatch._options import RunConfig
+
+__all__ = ["default_threads", "free_port", "run_local"]
 
 logger = logging.getLogger("nbbatch")
 
-FLUSH_SECONDS = 0.5
-
-
-@dataclass
-class Outcome:
-    """How an attempt ended; ``error`` is raised by the caller after the store is updated."""
-
-    status: str
-    reduced: dict[str, Any] | None
-    error: BaseException | None = None
-    interrupted_by: int | None = None
-    used_upload_path: bool = False
+WAIT_SECONDS = 0.1  # how long one wait for pipes and process exits blocks
+DEATH_WAIT_SECONDS = 2.0  # how long a broken collective waits for the worker that died to be seen
 
 
 @contextmanager
@@ -75,7 +66,8 @@ def _main_not_reimported() -> Iterator[None]:
             setattr(main, attr, value)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for the workers' process group)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -90,256 +82,182 @@ def default_threads(local_workers: int) -> int:
     return max(1, cores // max(1, local_workers))
 
 
-class _Signals:
-    """Counts SIGINT/SIGTERM while a run is live (main thread only); restores handlers on exit."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.last: int | None = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.count += 1
-        self.last = signum
-
-    @contextmanager
-    def installed(self) -> Iterator[_Signals]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
-def _describe_failure(event: BatchFailed, name: str) -> str:
-    if event.global_batch is None:
-        where = f"worker rank {event.rank} failed outside a batch"
-    else:
-        idx = event.indices
-        span = f"{idx[0]}..{idx[-1]}" if idx else "none"
-        where = (
-            f"worker rank {event.rank} failed in process_batch at batch_idx {event.batch_idx} "
-            f"(global batch {event.global_batch}, dataset indices {span})"
-        )
-    return (
-        f"{where}: {event.exc_type}: {event.message}. Run {name!r} is marked failed; fix the cause and "
-        f"resume it with `run_name={name!r}` (committed batches are kept)"
-    )
+def run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter) -> Run:
+    """Create or resume the run, run one attempt on ``config.num_processes`` local workers, conclude."""
+    writer, record = begin(config.store, spec)
+    if record.status == Status.DONE:
+        return Run(config.store, record.run_id)
+    try:
+        sharding, worker_spec = attempt_spec(config, spec.dataset_len, config.num_processes, user, record)
+        life = Lifecycle(record, sharding, writer, reporter, config.batch_timeout)
+        signals = Signals()
+        # Counted from here: a SIGTERM while workers start still ends the run preempted, not killed.
+        with signals.installed():
+            try:
+                _attempt(life, signals, cloudpickle.dumps(worker_spec), config.num_processes)
+                status, error = life.finish(*life.decide(config.num_processes))
+            except BaseException as exc:
+                life.finish(Status.FAILED, exc)
+                raise
+            finally:
+                life.close()
+    finally:
+        writer.close()
+    conclude(status, error, signals, record.name)
+    return Run(config.store, record.run_id)
 
 
-def launch_local(
-    spec: WorkerSpec,
-    record: RunRecord,
-    sharding: Sharding,
-    writer: StoreWriter,
-    reporter: Reporter,
-    *,
-    threads: int | None = None,
-    batch_timeout: float | None = None,
-    on_start: Callable[[list[int]], None] | None = None,
-) -> Outcome:
-    """Run one attempt with ``sharding.world_size`` local worker processes."""
-    world = sharding.world_size
-    ctx = context()
-    payload = cloudpickle.dumps(spec)
-    port = _free_port()
-    threads = threads or default_threads(world)
-    procs: list[WorkerProcess] = []
-    conns: dict[Connection, int] = {}
-    controls: list[Connection] = []
-    sup = Supervisor(record, sharding)
-    stop_path = stop_file(writer.path, record.run_id)
-    signals = _Signals()
-    # Counted from here: a SIGTERM while workers start still ends the run preempted, not killed.
-    with signals.installed():
-        try:
-            # The first start of a fresh interpreter waits for the forkserver to import torch (seconds).
-            reporter.update(sup.snapshot("running"))
-            ensure_started()
-            for rank in range(world):
-                procs.append(_start(ctx, rank, world, payload, port, threads, record.name, conns, controls))
-            if on_start is not None:
-                on_start([p.pid for p in procs])
-            return _watch(sup, procs, conns, controls, writer, reporter, signals, stop_path, batch_timeout)
-        finally:
-            for control in controls:
-                with suppress(OSError):
-                    control.close()  # end-of-file tells a worker still running to leave
-            shut_down(procs)
-            for conn in conns:
-                conn.close()
-            with suppress(FileNotFoundError):
-                os.unlink(stop_path)
+def _attempt(life: Lifecycle, signals: Signals, payload: bytes, world: int) -> None:
+    """Start the workers, move their events into ``life`` until they are gone, then stop them all."""
+    workers = _Workers(life.sup)
+    try:
+        # The first start of a fresh interpreter waits for the forkserver to import torch (seconds).
+        life.report()
+        ensure_started()
+        workers.start(payload, world, life.name)
+        _watch(life, workers, signals)
+    finally:
+        workers.close()
 
 
-def _start(ctx: Any, rank: int, world: int, payload: bytes, port: int, threads: int, name: str,
-           conns: dict[Connection, int], controls: list[Connection]) -> WorkerProcess:
-    """Start worker ``rank`` with its event pipe (into ``conns``) and control pipe (into ``controls``)."""
-    recv, send = ctx.Pipe(duplex=False)
-    ctrl_recv, ctrl_send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=worker_main,
-        args=(rank, world, payload, send, ctrl_recv, ("127.0.0.1", port), threads, dict(os.environ),
-              os.getcwd(), list(sys.path)),
-        name=f"nbbatch-{name}-rank{rank}",
-    )
-    conns[recv] = rank
-    controls.append(ctrl_send)
-    with _main_not_reimported():
-        proc.start()
-    send.close()
-    ctrl_recv.close()
-    return WorkerProcess(proc)
-
-
-def _watch(
-    sup: Supervisor,
-    procs: list[WorkerProcess],
-    conns: dict[Connection, int],
-    controls: list[Connection],
-    writer: StoreWriter,
-    reporter: Reporter,
-    signals: _Signals,
-    stop_path: str,
-    batch_timeout: float | None,
-) -> Outcome:
-    record = sup.record
-    open_conns = dict(conns)
-    exited: dict[int, int | None] = {}
-    stop_sent = False
+def _watch(life: Lifecycle, workers: _Workers, signals: Signals) -> None:
     next_flush = time.monotonic() + FLUSH_SECONDS
-    error: BaseException | None = None
-    hard_stop = False
-    sentinels = {p.sentinel: rank for rank, p in enumerate(procs)}
     while True:
-        waitables: list[Any] = list(open_conns) + [s for s, r in sentinels.items() if r not in exited]
         try:
-            ready = wait(waitables, timeout=0.1) if waitables else []
+            workers.pump()
         except KeyboardInterrupt:  # no handler installed (not the main thread)
-            signals.count += 1
-            signals.last = signal.SIGINT
-            ready = []
-        for obj in ready:
-            if obj in open_conns:
-                _drain(obj, open_conns, sup)
-        for obj in ready:
-            if obj in sentinels and sentinels[obj] not in exited:
-                rank = sentinels[obj]
-                exited[rank] = procs[rank].exitcode()
-        # A worker that exited without a closing event died (signal, OOM killer, os._exit).
-        for rank, code in exited.items():
-            if rank not in sup.finished and sup.fatal is None and error is None:
-                conn = next((c for c, r in open_conns.items() if r == rank), None)
-                if conn is not None:
-                    _drain(conn, open_conns, sup)
-                    if sup.fatal is not None or rank in sup.finished:
-                        continue
-                error = _died(rank, code, sup)
-        if sup.fatal is not None and error is None and sup.fatal.global_batch is None:
-            # A peer's collective breaks when a worker dies; name the dead worker, not the peer.
-            dead = _wait_for_death(procs, exited, sentinels, seconds=2.0)
-            if dead is not None:
-                error = _died(dead[0], dead[1], sup)
-        if sup.fatal is not None and error is None:
-            error = WorkerFailed(
-                _describe_failure(sup.fatal, record.name),
-                rank=sup.fatal.rank, batch_idx=sup.fatal.batch_idx, global_batch=sup.fatal.global_batch,
-                indices=sup.fatal.indices, remote_traceback=sup.fatal.traceback, run_name=record.name,
-            )
-        if sup.too_many_failures and error is None and len(sup.finished) == len(procs):
-            error = RunFailed(
-                f"run {record.name!r} skipped more failing batches than max_failures allows; see "
-                f"`nbbatch.open_run({record.name!r}).errors()` and resume with `run_name={record.name!r}`"
-            )
-        if batch_timeout is not None and error is None:
-            hung = sup.hung(batch_timeout)
-            if hung is not None:
-                rank, g, k, secs = hung
-                error = WorkerFailed(
-                    f"worker rank {rank} spent {secs:.0f}s in process_batch at batch_idx {k} (global batch {g}), "
-                    f"over batch_timeout={batch_timeout}; run {record.name!r} is marked failed, resume it with "
-                    f"`run_name={record.name!r}`",
-                    rank=rank, batch_idx=k, global_batch=g, indices=sup.sharding.indices(g), run_name=record.name,
-                )
-        if error is not None:
-            kill_all(procs)
-            break
-        if not stop_sent and (signals.count or _exists(stop_path)):
-            stop_sent = True
-            logger.warning("nbbatch: stopping run %r at its next checkpoint (interrupt again to stop now)", record.name)
-            for control in controls:
-                try:
-                    control.send("stop")
-                except OSError:
-                    pass
+            signals.note(signal.SIGINT)
+        _check_workers(life, workers)
+        if life.check() is not None:
+            workers.kill()
+            return
+        if life.wants_stop(signals):
+            workers.send(Control.STOP)
         if signals.count >= 2:
-            hard_stop = True
-            kill_all(procs)
-            break
-        if len(exited) == len(procs) and not open_conns:
-            break
+            life.hard_stop = True
+            workers.kill()
+            return
+        if workers.all_gone():
+            return
         if time.monotonic() >= next_flush:
             next_flush = time.monotonic() + FLUSH_SECONDS
             try:
-                writer.commit(record, sup.take_commit())
+                life.flush()
             except StoreError as exc:
-                error = exc
-                kill_all(procs)
-                break
-            reporter.update(sup.snapshot("running"))
-    # Final flush: commit every complete step and the error rows.
-    try:
-        writer.commit(record, sup.take_commit())
-    except StoreError as exc:
-        error = error or exc
-    if error is not None:
-        status = "failed"
-    elif hard_stop or (stop_sent and all(s == "preempted" for s in sup.finished.values())):
-        status = "preempted"
-    elif sup.finished and all(s == "done" for s in sup.finished.values()) and len(sup.finished) == len(procs):
-        status = "done"
-    elif all(s == "preempted" for s in sup.finished.values()) and sup.finished:
-        status = "preempted"
-    else:
-        status = "failed"
-        error = NbbatchError(f"run {record.name!r} ended in an unexpected state {sup.finished}; resume it with `run_name={record.name!r}`")
-    reporter_status = status
-    try:
-        reporter.close(sup.snapshot(reporter_status))
-    except Exception:  # a broken display must not lose the outcome
-        logger.exception("progress display failed")
-    interrupted = signals.last if (signals.count and status == "preempted") else None
-    return Outcome(status, sup.reduced, error, interrupted, sup.used_upload_path)
+                life.fail(exc)
+                workers.kill()
+                return
 
 
-def _wait_for_death(procs: list[WorkerProcess], exited: dict[int, int | None], sentinels: dict[Any, int],
-                    seconds: float) -> tuple[int, int] | None:
-    """``(rank, exit code)`` of a worker killed by a signal within ``seconds``, if any."""
-    deadline = time.monotonic() + seconds
-    while True:
-        for rank, proc in enumerate(procs):
-            code = proc.exitcode()
-            if code is not None and code < 0:
-                exited[rank] = code
-                return rank, code
-        if time.monotonic() >= deadline:
-            return None
-        wait([s for s, r in sentinels.items() if r not in exited], timeout=0.1)
+def _check_workers(life: Lifecycle, workers: _Workers) -> None:
+    """Fail the run for a worker that exited without a closing event (signal, OOM killer, ``os._exit``)."""
+    if life.error is not None:
+        return
+    dead = workers.died_silently()
+    if dead is None and life.sup.fatal is not None and life.sup.fatal.global_batch is None:
+        # A peer's collective breaks when a worker dies; name the dead worker, not the peer.
+        dead = workers.killed_within(DEATH_WAIT_SECONDS)
+    if dead is not None:
+        life.fail(_died(dead[0], dead[1], life.sup))
 
 
-def _drain(conn: Connection, open_conns: dict[Connection, int], sup: Supervisor) -> None:
-    try:
-        while conn.poll():
-            sup.handle(conn.recv())
-    except (EOFError, OSError):
-        del open_conns[conn]
+class _Workers:
+    """The worker processes of one attempt with their event and control pipes."""
 
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.procs: list[WorkerProcess] = []
+        self.open: dict[Connection, int] = {}  # event pipes not at end-of-file yet, by rank
+        self.controls: list[Connection] = []
+        self.exited: dict[int, int | None] = {}
 
-def _exists(path: str) -> bool:
-    return os.path.exists(path)
+    def start(self, payload: bytes, world: int, name: str) -> None:
+        """Start ``world`` workers, each with its own event pipe and control pipe."""
+        ctx = context()
+        port = free_port()
+        threads = default_threads(world)
+        for rank in range(world):
+            recv, send = ctx.Pipe(duplex=False)
+            ctrl_recv, ctrl_send = ctx.Pipe(duplex=False)
+            args = WorkerArgs(rank, world, payload, send, ctrl_recv, ("127.0.0.1", port), threads,
+                              dict(os.environ), os.getcwd(), list(sys.path))
+            proc = ctx.Process(target=worker_main, args=(args,), name=f"nbbatch-{name}-rank{rank}")
+            self.open[recv] = rank
+            self.controls.append(ctrl_send)
+            with _main_not_reimported():
+                proc.start()
+            send.close()
+            ctrl_recv.close()
+            self.procs.append(WorkerProcess(proc))
+
+    def pump(self) -> None:
+        """Wait briefly for events or exits; hand events to the Supervisor and note exits."""
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs) if rank not in self.exited}
+        waitables: list[Any] = [*self.open, *sentinels]
+        ready = wait(waitables, timeout=WAIT_SECONDS) if waitables else []
+        for obj in ready:
+            if obj in self.open:
+                self._drain(obj)
+        for obj in ready:
+            if obj in sentinels:
+                self.exited[sentinels[obj]] = self.procs[sentinels[obj]].exitcode()
+
+    def _drain(self, conn: Connection) -> None:
+        try:
+            while conn.poll():
+                self.sup.handle(conn.recv())
+        except (EOFError, OSError):
+            del self.open[conn]
+            conn.close()
+
+    def died_silently(self) -> tuple[int, int | None] | None:
+        """``(rank, exit code)`` of a worker that exited without its closing event, if any."""
+        for rank, code in self.exited.items():
+            if rank in self.sup.finished or self.sup.fatal is not None:
+                continue
+            conn = next((c for c, r in self.open.items() if r == rank), None)
+            if conn is not None:
+                self._drain(conn)  # its last events may still sit in the pipe
+                if self.sup.fatal is not None or rank in self.sup.finished:
+                    continue
+            return rank, code
+        return None
+
+    def killed_within(self, seconds: float) -> tuple[int, int] | None:
+        """``(rank, exit code)`` of a worker killed by a signal within ``seconds``, if any."""
+        deadline = time.monotonic() + seconds
+        while True:
+            for rank, proc in enumerate(self.procs):
+                code = proc.exitcode()
+                if code is not None and code < 0:
+                    self.exited[rank] = code
+                    return rank, code
+            if time.monotonic() >= deadline:
+                return None
+            wait([p.sentinel for r, p in enumerate(self.procs) if r not in self.exited], timeout=WAIT_SECONDS)
+
+    def send(self, message: Control) -> None:
+        """Send a control message to every worker still listening."""
+        for control in self.controls:
+            with suppress(OSError):
+                control.send(message)
+
+    def all_gone(self) -> bool:
+        """Whether every worker exited and every event pipe reached its end."""
+        return len(self.exited) == len(self.procs) and not self.open
+
+    def kill(self) -> None:
+        """SIGKILL every worker (after an error, or a second interrupt)."""
+        kill_all(self.procs)
+
+    def close(self) -> None:
+        """Close the control pipes (end-of-file tells a worker still running to leave), reap, close."""
+        for control in self.controls:
+            with suppress(OSError):
+                control.close()
+        shut_down(self.procs)
+        for conn in list(self.open):
+            conn.close()
 
 
 def _died(rank: int, code: int | None, sup: Supervisor) -> WorkerDied:
@@ -359,12 +277,12 @@ def _died(rank: int, code: int | None, sup: Supervisor) -> WorkerDied:
     name = sup.record.name
     return WorkerDied(
         f"worker rank {rank} {how}"
-        + (f" while processing batch_idx {current[1]} (global batch {current[0]})" if current else "")
+        + (f" while processing batch_idx {current.batch_idx} (global batch {current.global_batch})" if current else "")
         + f". Run {name!r} is marked failed; resume it with `run_name={name!r}`",
         rank=rank,
-        batch_idx=current[1] if current else None,
-        global_batch=current[0] if current else None,
-        indices=sup.sharding.indices(current[0]) if current else (),
+        batch_idx=current.batch_idx if current else None,
+        global_batch=current.global_batch if current else None,
+        indices=sup.sharding.indices(current.global_batch) if current else (),
         run_name=name,
     )
 

@@ -12,25 +12,25 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from nbbatch._events import (
     BatchDone,
     BatchFailed,
-    BatchStarted,
     CheckpointDone,
     Event,
-    MetricRecord,
     Reduced,
     SegmentWritten,
+    Status,
     WorkerFinished,
     WorkerReady,
 )
 from nbbatch._plan import Sharding
 from nbbatch._progress import ProgressSnapshot, RateMeter, WorkerProgress
-from nbbatch._store.writer import Commit, ProgressRow, RunRecord
+from nbbatch._store.writer import Commit, CommittedBatch, LogRow, MetricRow, ProgressRow, ReducerStates, RunRecord
+from nbbatch._worker.tally import Current, Tally
 
-__all__ = ["Supervisor"]
+__all__ = ["Hung", "Supervisor"]
 
 
 @dataclass
@@ -38,22 +38,27 @@ class _Share:
     """One worker's events since its last checkpoint."""
 
     batches: list[BatchDone] = field(default_factory=list)
-    metrics: list[tuple[int, int | None, int | None, MetricRecord]] = field(default_factory=list)
+    metrics: list[MetricRow] = field(default_factory=list)
     awaits_segment: bool = False  # the worker writes this share's outputs as a segment
     segment: SegmentWritten | None = None  # its manifest, once written: committed with the share
 
 
-@dataclass
-class _Worker:
+class Hung(NamedTuple):
+    """A batch running longer than ``batch_timeout``."""
+
     rank: int
-    todo: int
-    done: int = 0
-    rows: int = 0
-    failed: int = 0
-    status: str = "starting"
-    current: tuple[int, int, float] | None = None
+    global_batch: int
+    batch_idx: int
+    seconds: float
+
+
+@dataclass
+class _Worker(Tally):
+    """One worker's counters (`Tally`, the same fold a torchrun peer keeps) and what it has to do."""
+
+    rank: int = 0
+    todo: int = 0
     pid: int | None = None
-    last_event: float = 0.0
 
 
 class Supervisor:
@@ -65,15 +70,15 @@ class Supervisor:
         self.clock = clock
         self.started = clock()
         self.committed: set[int] = set(record.done)
-        self.workers = [_Worker(r, len(sharding.todo(r, record.done)), last_event=self.started) for r in range(sharding.world_size)]
+        self.workers = [_Worker(rank=r, todo=len(sharding.todo(r, record.done))) for r in range(sharding.world_size)]
         self.shares = [_Share() for _ in range(sharding.world_size)]
         self.ready: dict[int, dict[int, tuple[_Share, tuple[bytes, ...]]]] = {}
         self.early_segments: dict[tuple[int, int], SegmentWritten] = {}
         self.errors: list[BatchFailed] = []
-        self.loose_metrics: list[tuple[int, int | None, int | None, MetricRecord]] = []
+        self.loose_metrics: list[MetricRow] = []
         self.fatal: BatchFailed | None = None
         self.reduced: dict[str, Any] | None = None
-        self.finished: dict[int, str] = {}
+        self.finished: dict[int, Status] = {}
         self.too_many_failures = False
         self.stop_agreed = False
         self.used_upload_path = False
@@ -87,59 +92,53 @@ class Supervisor:
     def handle(self, event: Event) -> None:
         """Apply one worker event."""
         self._dirty = True
-        now = self.clock()
-        rank = getattr(event, "rank", 0)
-        worker = self.workers[rank] if rank < len(self.workers) else None
-        if worker is not None:
-            worker.last_event = now
-        if isinstance(event, BatchStarted):
-            assert worker is not None
-            worker.current = (event.global_batch, event.batch_idx, event.t)
-            worker.status = "running"
-        elif isinstance(event, BatchDone):
-            assert worker is not None
-            worker.current = None
-            worker.done += 1
-            worker.rows += event.rows
-            self.shares[rank].batches.append(event)
-            for m in event.metrics:
-                self.shares[rank].metrics.append((rank, event.global_batch, event.batch_idx, m))
-                self.last_metrics.update(dict(m.metrics))
-        elif isinstance(event, BatchFailed):
-            if worker is not None:
-                worker.current = None
-                worker.failed += 1 if event.global_batch is not None else 0
-            self.errors.append(event)
-            where = f"batch_idx {event.batch_idx}" if event.batch_idx is not None else "outside a batch"
-            self.recent_errors.append(f"rank {event.rank}, {where}: {event.exc_type}: {event.message}")
-            if event.fatal and self.fatal is None:
-                self.fatal = event
-        elif isinstance(event, CheckpointDone):
-            share, self.shares[rank] = self.shares[rank], _Share()
-            share.metrics.extend((rank, None, None, m) for m in event.metrics)
-            share.awaits_segment = event.segment
-            share.segment = self.early_segments.pop((event.step, rank), None)
-            self.ready.setdefault(event.step, {})[rank] = (share, event.reducer_states)
-            self.too_many_failures |= event.failed
-            self.stop_agreed |= event.stop
-        elif isinstance(event, SegmentWritten):
-            ready = self.ready.get(event.step, {}).get(rank)
-            if ready is not None:
-                ready[0].segment = event
-            else:  # sent before its checkpoint (a torchrun peer finishes the write first)
-                self.early_segments[(event.step, rank)] = event
-        elif isinstance(event, Reduced):
-            self.reduced = dict(event.metrics)
-        elif isinstance(event, WorkerFinished):
-            assert worker is not None
-            worker.status = event.status
-            self.finished[rank] = event.status
-            self.used_upload_path |= event.used_upload_path
-            self.loose_metrics.extend((rank, None, None, m) for m in event.metrics)
-        elif isinstance(event, WorkerReady):
-            assert worker is not None
-            worker.pid = event.pid
-            worker.status = "running"
+        rank = getattr(event, "rank", None)
+        if rank is not None and rank < len(self.workers):
+            self.workers[rank].count(event)
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
+
+    def _done(self, event: BatchDone) -> None:
+        self.shares[event.rank].batches.append(event)
+        for m in event.metrics:
+            self.shares[event.rank].metrics.append(MetricRow(event.rank, event.global_batch, event.batch_idx, m))
+            self.last_metrics.update(dict(m.metrics))
+
+    def _failed(self, event: BatchFailed) -> None:
+        self.errors.append(event)
+        where = f"batch_idx {event.batch_idx}" if event.batch_idx is not None else "outside a batch"
+        self.recent_errors.append(f"rank {event.rank}, {where}: {event.exc_type}: {event.message}")
+        if event.fatal and self.fatal is None:
+            self.fatal = event
+
+    def _checkpoint(self, event: CheckpointDone) -> None:
+        rank = event.rank
+        share, self.shares[rank] = self.shares[rank], _Share()
+        share.metrics.extend(MetricRow(rank, None, None, m) for m in event.metrics)
+        share.awaits_segment = event.segment
+        share.segment = self.early_segments.pop((event.step, rank), None)
+        self.ready.setdefault(event.step, {})[rank] = (share, event.reducer_states)
+        self.too_many_failures |= event.failed
+        self.stop_agreed |= event.stop
+
+    def _segment(self, event: SegmentWritten) -> None:
+        ready = self.ready.get(event.step, {}).get(event.rank)
+        if ready is not None:
+            ready[0].segment = event
+        else:  # sent before its checkpoint (a torchrun peer finishes the write first)
+            self.early_segments[(event.step, event.rank)] = event
+
+    def _reduced(self, event: Reduced) -> None:
+        self.reduced = dict(event.metrics)
+
+    def _finished(self, event: WorkerFinished) -> None:
+        self.finished[event.rank] = Status(event.status)
+        self.used_upload_path |= event.used_upload_path
+        self.loose_metrics.extend(MetricRow(event.rank, None, None, m) for m in event.metrics)
+
+    def _ready(self, event: WorkerReady) -> None:
+        self.workers[event.rank].pid = event.pid
 
     # -- outputs --------------------------------------------------------------------------------
     def take_commit(self) -> Commit:
@@ -156,9 +155,9 @@ class Supervisor:
                     if b.global_batch in self.committed:
                         continue  # never write a batch twice, whatever a worker sends
                     self.committed.add(b.global_batch)
-                    commit.batches.append((b, self.sharding.indices(b.global_batch).start))
+                    commit.batches.append(CommittedBatch(b, self.sharding.indices(b.global_batch).start))
                 commit.metrics.extend(share.metrics)
-                commit.reducer_states[rank] = (step, states)
+                commit.reducer_states[rank] = ReducerStates(step, states)
                 if share.segment is not None:
                     commit.segments.append(share.segment)
         commit.metrics.extend(self.loose_metrics)
@@ -167,13 +166,13 @@ class Supervisor:
         if self._dirty:
             self._dirty = False
             commit.progress = [
-                ProgressRow(w.rank, w.done, w.rows, w.failed, w.todo, w.current[0] if w.current else None, w.status)
+                ProgressRow(w.rank, w.done, w.rows, w.failed, w.todo, w.current.global_batch if w.current else None, w.status)
                 for w in self.workers
             ]
             totals = (self.done_batches, sum(w.rows for w in self.workers), len(self.committed))
             if totals != self._last_log:
                 self._last_log = totals
-                commit.log = (self.clock(), *totals)
+                commit.log = LogRow(self.clock(), *totals)
         return commit
 
     @property
@@ -181,21 +180,19 @@ class Supervisor:
         """Batches finished so far, committed before this attempt or processed in it."""
         return len(self.record.done) + sum(w.done for w in self.workers)
 
-    def set_remote_progress(
-        self, rank: int, done: int, rows: int, failed: int, current: tuple[int, int, float] | None, status: str
-    ) -> None:
+    def set_remote_progress(self, rank: int, tally: Tally) -> None:
         """Overwrite a worker's live counters with its own totals (torchrun ranks report them between checkpoints)."""
         worker = self.workers[rank]
-        worker.done, worker.rows, worker.failed, worker.current, worker.status = done, rows, failed, current, status
-        worker.last_event = self.clock()
+        worker.done, worker.rows, worker.failed = tally.done, tally.rows, tally.failed
+        worker.current, worker.status = tally.current, tally.status
         self._dirty = True
 
-    def hung(self, timeout: float) -> tuple[int, int, int, float] | None:
-        """``(rank, global_batch, batch_idx, seconds)`` of a batch running longer than ``timeout``."""
+    def hung(self, timeout: float) -> Hung | None:
+        """A batch running longer than ``timeout`` seconds, if any."""
         now = self.clock()
         for w in self.workers:
-            if w.current is not None and now - w.current[2] > timeout:
-                return w.rank, w.current[0], w.current[1], now - w.current[2]
+            if w.current is not None and now - w.current.started > timeout:
+                return Hung(w.rank, w.current.global_batch, w.current.batch_idx, now - w.current.started)
         return None
 
     def snapshot(self, status: str) -> ProgressSnapshot:
@@ -211,7 +208,7 @@ class Supervisor:
         return ProgressSnapshot(
             run_name=self.record.name,
             run_id=self.record.run_id,
-            status=status,
+            status=Status(status),
             total_batches=self.sharding.real_batches,
             done_batches=self.done_batches,
             committed_batches=len(self.committed),
@@ -232,3 +229,14 @@ class Supervisor:
         if status != "running" or not starting:
             return ""
         return f"starting {starting} worker{'s' if starting != 1 else ''}"
+
+
+_HANDLERS: dict[type, Callable[[Supervisor, Any], None]] = {
+    BatchDone: Supervisor._done,
+    BatchFailed: Supervisor._failed,
+    CheckpointDone: Supervisor._checkpoint,
+    SegmentWritten: Supervisor._segment,
+    Reduced: Supervisor._reduced,
+    WorkerFinished: Supervisor._finished,
+    WorkerReady: Supervisor._ready,
+}

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nbbatch._errors import InvalidArgument
+from nbbatch._events import Status
 from nbbatch._launch.attempt import attempt_spec
-from nbbatch._launch.lead import Lead, broadcast, failed, lost, sendable, wait_errors
-from nbbatch._launch.local import _Signals, default_threads
-from nbbatch._plan import Sharding
+from nbbatch._launch.lead import Lead, broadcast, lost, sendable, wait_errors
+from nbbatch._launch.lifecycle import Lifecycle, Signals, begin, conclude, worker_failed
+from nbbatch._launch.local import default_threads
 from nbbatch._progress import Reporter
 from nbbatch._run import Run
-from nbbatch._store.control import clear_stop
 from nbbatch._store.writer import RunRecord, RunSpec, StoreWriter
 from nbbatch._worker.collective import Coordinator, TorchCoordinator
 from nbbatch._worker.distributed import (
@@ -37,6 +35,9 @@ from nbbatch._worker.distributed import (
     join_group,
 )
 from nbbatch._worker.loop import WorkerSpec, run_loop
+
+if TYPE_CHECKING:
+    from nbbatch._options import RunConfig
 
 __all__ = ["TorchrunEnv", "environment", "run"]
 
@@ -69,53 +70,42 @@ def environment() -> TorchrunEnv | None:
     )
 
 
-@dataclass(frozen=True)
-class _Start:
-    """What rank 0 broadcasts once the store answered."""
-
-    run_id: str
-    name: str
-    attempt: int
-    status: str
-    planned_batches: int
-    output_dir: str
-    done: frozenset[int]
-    reducer_states: tuple[tuple[int, int, tuple[bytes, ...]], ...]
-    output_columns: tuple[str, ...] = ()
-
-
-def _open(config: Any, spec: RunSpec, coordinator: Coordinator, group: Any) -> tuple[_Start, StoreWriter | None, RunRecord | None]:
-    """Rank 0 opens the store and begins the run; every rank gets the answer or raises its error."""
-    fingerprints = coordinator.gather((spec.dataset_len, spec.batch_size, spec.processor, spec.max_batches))
+def _open(store: str, spec: RunSpec, coordinator: Coordinator, group: Any) -> tuple[RunRecord, StoreWriter | None]:
+    """Rank 0 begins the run; every rank gets its record (rank 0 also the open writer) or raises its error."""
+    fingerprints = coordinator.gather(spec.fingerprint)
     if coordinator.rank != 0:
         answer = broadcast(None, group)
         if isinstance(answer, BaseException):
             raise answer
-        return answer, None, None
+        return answer, None
     writer = None
     try:
         assert fingerprints is not None
         for rank, fp in enumerate(fingerprints):
             if fp != fingerprints[0]:
                 raise InvalidArgument(
-                    f"rank {rank} built (dataset_len, batch_size, processor, max_batches)={fp} but rank 0 built "
-                    f"{fingerprints[0]}; every torchrun process must build the same processor and dataset"
+                    f"rank {rank} built {fp} but rank 0 built {fingerprints[0]}; every torchrun process must "
+                    f"build the same processor and dataset"
                 )
-        writer = StoreWriter(config.store)
-        record = writer.begin(spec)
-        clear_stop(writer.path, record.run_id)
+        writer, record = begin(store, spec)
     except BaseException as exc:
-        if writer is not None:
-            writer.close()
         broadcast(sendable(exc), group)
         raise
-    start = _Start(record.run_id, record.name, record.attempt, record.status, record.planned_batches,
-                   record.output_dir, record.done, record.reducer_states, record.output_columns)
-    broadcast(start, group)
-    return start, writer, record
+    broadcast(record, group)
+    return record, writer
 
 
-def run(config: Any, spec: RunSpec, user: bytes, sharding: Sharding, reporter: Reporter, env: TorchrunEnv) -> Run:
+@dataclass(frozen=True)
+class _World:
+    """This process's place in the torchrun world, and the means to talk to the other ranks."""
+
+    env: TorchrunEnv
+    group: Any
+    coordinator: Coordinator
+    channel: Channel
+
+
+def run(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter, env: TorchrunEnv) -> Run:
     """Run this process's share of the plan as rank ``env.rank`` of the torchrun world."""
     import torch
     import torch.distributed as dist
@@ -123,30 +113,30 @@ def run(config: Any, spec: RunSpec, user: bytes, sharding: Sharding, reporter: R
     torch.set_num_threads(default_threads(env.local_world_size))
     group, created = join_group(env.local_rank)
     coordinator = TorchCoordinator(group)
-    start, writer, record = _open(config, spec, coordinator, group)
-    if start.status == "done":
-        if writer is not None:
-            logger.info("run %r is already done in %s; returning it as is", start.name, config.store)
-            writer.close()
+    record, writer = _open(config.store, spec, coordinator, group)
+    if record.status == Status.DONE:
         _leave_group(created)
-        return Run(config.store, start.run_id)
-    sharding, worker_spec = attempt_spec(config, spec.dataset_len, env.world_size, user, start)
-    channel = Channel(dist.distributed_c10d._get_default_store(), start.run_id, start.attempt, env.world_size)
-    signals = _Signals()
+        return Run(config.store, record.run_id)
+    sharding, worker_spec = attempt_spec(config, spec.dataset_len, env.world_size, user, record)
+    channel = Channel(dist.distributed_c10d._get_default_store(), record.run_id, record.attempt, env.world_size)
+    world = _World(env, group, coordinator, channel)
+    signals = Signals()
     with signals.installed():
-        if writer is not None and record is not None:
-            lead = Lead(config, record, sharding, writer, reporter, channel)
-            status, error = lead.run(worker_spec, env.local_rank, coordinator, group, signals)
+        if writer is None:
+            status, error = _run_peer(worker_spec, world, signals, record.name)
         else:
-            status, error = _run_peer(worker_spec, env, coordinator, group, channel, signals, start.name)
+            try:
+                life = Lifecycle(record, sharding, writer, reporter, config.batch_timeout)
+                status, error, consistent = Lead(life, channel).run(worker_spec, env.local_rank, coordinator, signals)
+            finally:
+                writer.close()
+            if consistent:
+                broadcast((status, sendable(error) if error is not None else None), group)
     if error is not None:
         raise error
     _leave_group(created)
-    if signals.count and status == "preempted":
-        if signals.last == signal.SIGINT:
-            raise KeyboardInterrupt(f"run {start.name!r} preempted and committed; resume with run_name={start.name!r}")
-        sys.exit(128 + signal.SIGTERM)
-    return Run(config.store, start.run_id)
+    conclude(status, error, signals, record.name)
+    return Run(config.store, record.run_id)
 
 
 def _leave_group(created: bool) -> None:
@@ -164,38 +154,34 @@ def _leave_group(created: bool) -> None:
         dist.destroy_process_group()
 
 
-def _run_peer(
-    spec: WorkerSpec, env: TorchrunEnv, coordinator: Coordinator, group: Any, channel: Channel, signals: _Signals,
-    name: str,
-) -> tuple[str, BaseException | None]:
+def _run_peer(spec: WorkerSpec, world: _World, signals: Signals, name: str) -> tuple[Status, BaseException | None]:
     """A rank other than 0: run the loop, ship events at checkpoints, take the outcome from rank 0."""
-    sink = PeerSink(env.rank, channel)
+    rank, channel = world.env.rank, world.channel
+    sink = PeerSink(rank, channel)
     finished = threading.Event()
-    channel.publish_progress(env.rank, sink.counters())
-    watcher = PeerWatcher(env.rank, channel, sink, finished).start()
+    channel.publish_progress(rank, sink.counters())
+    watcher = PeerWatcher(rank, channel, sink, finished).start()
     try:
         try:
-            run_loop(spec, env.rank, env.local_rank, coordinator, sink, lambda: bool(signals.count))
+            run_loop(spec, rank, world.env.local_rank, world.coordinator, sink, lambda: bool(signals.count))
             if sink.fatal is not None:
                 # Our own error: never enter another collective; wait until rank 0 stored it.
-                channel.wait_ack(env.rank, ABORT_GRACE_SECONDS)
-                return "failed", failed(sink.fatal, name)
-            sink.flush(coordinator)
-            status, error = broadcast(None, group)
-            return str(status), error
+                channel.wait_ack(rank, ABORT_GRACE_SECONDS)
+                return Status.FAILED, worker_failed(sink.fatal, name)
+            sink.flush(world.coordinator)
+            status, error = broadcast(None, world.group)
+            return Status(status), error
         except RemoteFailure as exc:
-            return "failed", failed(exc.event, name)
+            return Status.FAILED, worker_failed(exc.event, name)
         except Exception as exc:  # a collective broke: another rank failed or died
-            errors = wait_errors(channel, env.rank)
-            return "failed", failed(errors[min(errors)], name) if errors else lost(env.rank, exc, name)
+            errors = wait_errors(channel, rank)
+            return Status.FAILED, worker_failed(errors[min(errors)], name) if errors else lost(rank, exc, name)
     finally:
         try:
-            channel.publish_progress(env.rank, sink.counters())
+            channel.publish_progress(rank, sink.counters())
         except Exception:
             pass
         finished.set()
         # Not left running into interpreter teardown: a daemon thread inside a c10d store call then
         # cannot take the GIL back, and the rank aborts.
         watcher.thread.join(ABORT_GRACE_SECONDS)
-
-

@@ -1,36 +1,25 @@
 """Turning per-sample outputs and event rows into Arrow tables for bulk inserts.
 
 DuckDB ingests Arrow at ~500k rows/s against ~2k rows/s for ``executemany``, so every insert in
-the store goes through here; the per-sample outputs table itself is built by ``nbbatch._rows``,
-which workers share for their segments. Must not import anything from nbbatch but ``_events``
-and ``_rows``.
+the store goes through here. The Arrow schema of a store table comes from its column list in
+``schema.py`` (`arrow_schema`); the per-sample outputs table itself is built by ``nbbatch._rows``,
+which workers share for their segments. Must not import anything from nbbatch but ``_rows`` and
+``_store.schema``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
-from nbbatch._events import MetricRecord
 from nbbatch._rows import column_array, outputs_table
+from nbbatch._store.schema import DuckType, Table
 
-__all__ = [
-    "BATCH_SCHEMA",
-    "ERROR_SCHEMA",
-    "METRIC_SCHEMA",
-    "PROGRESS_SCHEMA",
-    "column_array",
-    "jsonable",
-    "metric_rows",
-    "outputs_table",
-    "rows_table",
-    "timestamp",
-]
+__all__ = ["ARROW_TYPES", "arrow_schema", "column_array", "jsonable", "outputs_table", "rows_table", "timestamp"]
 
 
 def timestamp(t: float | None) -> dt.datetime | None:
@@ -40,68 +29,23 @@ def timestamp(t: float | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).replace(tzinfo=None)
 
 
-def rows_table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Build a table from row dicts with an explicit schema (no type guessing on small inputs)."""
-    return pa.Table.from_pylist(list(rows), schema=schema)
+def rows_table(rows: Sequence[dict[str, Any]], table: Table) -> pa.Table:
+    """Rows of the store table ``table`` as Arrow, typed by its column list (no type guessing on small inputs)."""
+    return pa.Table.from_pylist(list(rows), schema=arrow_schema(table))
 
 
-BATCH_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("global_batch", pa.int64()),
-        ("rank", pa.int32()),
-        ("batch_idx", pa.int64()),
-        ("attempt", pa.int32()),
-        ("rows", pa.int64()),
-        ("first_index", pa.int64()),
-        ("started_at", pa.timestamp("us")),
-        ("seconds", pa.float64()),
-        ("committed_at", pa.timestamp("us")),
-    ]
-)
-METRIC_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("rank", pa.int32()),
-        ("global_batch", pa.int64()),
-        ("batch_idx", pa.int64()),
-        ("group", pa.string()),
-        ("steps_completed", pa.int64()),
-        ("name", pa.string()),
-        ("value", pa.float64()),
-        ("value_json", pa.string()),
-        ("reported_at", pa.timestamp("us")),
-    ]
-)
-ERROR_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("attempt", pa.int32()),
-        ("rank", pa.int32()),
-        ("global_batch", pa.int64()),
-        ("batch_idx", pa.int64()),
-        ("indices", pa.list_(pa.int64())),
-        ("exc_type", pa.string()),
-        ("message", pa.string()),
-        ("traceback", pa.string()),
-        ("fatal", pa.bool_()),
-        ("occurred_at", pa.timestamp("us")),
-    ]
-)
-PROGRESS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("attempt", pa.int32()),
-        ("rank", pa.int32()),
-        ("batches", pa.int64()),
-        ("rows", pa.int64()),
-        ("failed", pa.int64()),
-        ("todo", pa.int64()),
-        ("current_batch", pa.int64()),
-        ("status", pa.string()),
-        ("updated_at", pa.timestamp("us")),
-    ]
-)
+#: The Arrow type of each DuckDB type the store's tables use (``schema.DuckType``).
+ARROW_TYPES: dict[DuckType, pa.DataType] = {
+    "VARCHAR": pa.string(), "JSON": pa.string(), "BLOB": pa.binary(), "BOOLEAN": pa.bool_(),
+    "INTEGER": pa.int32(), "BIGINT": pa.int64(), "BIGINT[]": pa.list_(pa.int64()), "DOUBLE": pa.float64(),
+    "TIMESTAMP": pa.timestamp("us"),
+}
+
+
+@functools.cache
+def arrow_schema(table: Table) -> pa.Schema:
+    """The Arrow schema of rows of a store table, from its column list."""
+    return pa.schema([(c.name, ARROW_TYPES[c.type]) for c in table.columns])
 
 
 def jsonable(value: Any) -> Any:
@@ -115,31 +59,3 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)
-
-
-def _metric_value(value: Any) -> tuple[float | None, str | None]:
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            value = value.item()
-        except (ValueError, RuntimeError):
-            pass
-    if isinstance(value, bool):
-        return float(value), None
-    if isinstance(value, (int, float)):
-        return float(value), None
-    return None, json.dumps(jsonable(value))
-
-
-def metric_rows(
-    run_id: str, metrics: Iterable[tuple[int, int | None, int | None, MetricRecord]]
-) -> Iterable[dict[str, Any]]:
-    for rank, global_batch, batch_idx, record in metrics:
-        for name, value in record.metrics:
-            number, text = _metric_value(value)
-            yield {
-                "run_id": run_id, "rank": rank, "global_batch": global_batch, "batch_idx": batch_idx,
-                "group": record.group, "steps_completed": record.steps_completed, "name": name, "value": number,
-                "value_json": text, "reported_at": timestamp(record.reported_at),
-            }
-
-

@@ -14,7 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from nbbatch._errors import StoreError
-from nbbatch._store.schema import KEY_COLUMNS, outputs_table
+from nbbatch._store.schema import KEY_COLUMNS, outputs_table_name
 from nbbatch._store.sql import ident, type_name
 
 __all__ = ["case_clash", "insert_outputs", "output_columns"]
@@ -26,7 +26,7 @@ def output_columns(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[str, ..
     """The columns of the run's outputs table (key columns included), or () before its first rows."""
     rows = con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
-        [outputs_table(run_id)],
+        [outputs_table_name(run_id)],
     ).fetchall()
     return tuple(str(r[0]) for r in rows)
 
@@ -47,12 +47,12 @@ def insert_outputs(con: duckdb.DuckDBPyConnection, run_id: str, data: pa.Table) 
     Args:
         con: a connection inside the flush's transaction (a failure rolls all of it back).
         run_id: the run.
-        data: the rows, one column per key (`arrow.outputs_table`).
+        data: the rows, one column per key (`_rows.outputs_table`).
 
     Raises:
         StoreError: two keys differ only in case (the message names both).
     """
-    table = ident(outputs_table(run_id))
+    table = ident(outputs_table_name(run_id))
     have = output_columns(con, run_id)
     clash = case_clash(list(data.column_names), have)
     if clash is not None:

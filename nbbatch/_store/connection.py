@@ -21,9 +21,19 @@ from dataclasses import dataclass
 
 import duckdb
 
-from nbbatch._store.schema import DDL, SCHEMA_VERSION
+from nbbatch._store.schema import DDL, NBBATCH_META, SCHEMA_VERSION, insert_sql
 
-__all__ = ["StoreOpenError", "close_all", "ensure_schema", "open_store", "relation_connection", "writing"]
+__all__ = [
+    "OPEN_TIMEOUT_SECONDS", "StoreOpenError", "close_all", "ensure_schema", "open_store", "relation_connection", "writing",
+]
+
+#: How long opening the store waits for another process's DuckDB lock (or a read in this process) to go.
+OPEN_TIMEOUT_SECONDS = 60.0
+# Retries on a locked file start fast (a flush holds it for milliseconds) and back off to this.
+_RETRY_FIRST_SECONDS = 0.005
+_RETRY_MAX_SECONDS = 0.1
+# How often a writer of this process looks whether its own readers finished their query.
+_BUSY_POLL_SECONDS = 0.005
 
 _LOCK_RE = re.compile(r"Could not set lock|Conflicting lock", re.IGNORECASE)
 _guard = threading.RLock()
@@ -53,7 +63,7 @@ def _key(path: str) -> str:
 def _connect(path: str, read_only: bool, timeout: float) -> duckdb.DuckDBPyConnection:
     """Connect, retrying while another process holds the file lock."""
     deadline = time.monotonic() + timeout
-    delay = 0.005
+    delay = _RETRY_FIRST_SECONDS
     while True:
         try:
             return duckdb.connect(path, read_only=read_only)
@@ -61,7 +71,7 @@ def _connect(path: str, read_only: bool, timeout: float) -> duckdb.DuckDBPyConne
             text = str(exc)
             if _LOCK_RE.search(text) and time.monotonic() < deadline:
                 time.sleep(delay)
-                delay = min(delay * 2, 0.1)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
                 continue
             raise StoreOpenError(_explain(path, text, read_only)) from exc
         except duckdb.Error as exc:
@@ -98,7 +108,7 @@ def _close_relation_connections(key: str) -> None:
 
 
 @contextmanager
-def open_store(path: str, *, write: bool, timeout: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+def open_store(path: str, *, write: bool, timeout: float = OPEN_TIMEOUT_SECONDS) -> Iterator[duckdb.DuckDBPyConnection]:
     """Yield a cursor on ``path``; read-write if ``write``, else whatever this process has open.
 
     The connection is closed again when its last user leaves, so other processes can get in.
@@ -132,7 +142,7 @@ def open_store(path: str, *, write: bool, timeout: float = 60.0) -> Iterator[duc
                 break
         if time.monotonic() > deadline:
             raise StoreOpenError(f"the store `{path}` stayed busy with a read in this process; retry when it is done")
-        time.sleep(0.005)
+        time.sleep(_BUSY_POLL_SECONDS)
     try:
         yield cursor
     finally:
@@ -147,7 +157,7 @@ def open_store(path: str, *, write: bool, timeout: float = 60.0) -> Iterator[duc
                 del _entries[key]
 
 
-def relation_connection(path: str, timeout: float = 60.0) -> duckdb.DuckDBPyConnection:
+def relation_connection(path: str, timeout: float = OPEN_TIMEOUT_SECONDS) -> duckdb.DuckDBPyConnection:
     """A connection of its own for relations handed to users (``Run.outputs()``).
 
     It lives as long as the relations made from it. While a run in this process writes the
@@ -198,7 +208,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(DDL)
     row = con.execute("SELECT value FROM nbbatch_meta WHERE key = 'schema_version'").fetchone()
     if row is None:
-        con.execute("INSERT INTO nbbatch_meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+        con.execute(insert_sql(NBBATCH_META), ["schema_version", SCHEMA_VERSION])
     elif row[0] != SCHEMA_VERSION:
         raise StoreOpenError(
             f"the store was written by another nbbatch version (schema {row[0]}, this one reads "

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from nbbatch._errors import InvalidDataset, ResumeMismatch, StoreError
-from nbbatch._store.schema import KEY_COLUMNS
+from nbbatch._store.schema import KEY_COLUMNS, RUN_INPUTS, insert_sql
 from nbbatch._store.sql import ident, literal, type_name
 
 __all__ = [
@@ -139,7 +139,7 @@ def _failed(exc: BaseException, source: str) -> InvalidDataset:
 def record(con: duckdb.DuckDBPyConnection, run_id: str, info: InputsInfo) -> None:
     """Store a new run's inputs fingerprint (inside the writer's ``begin``)."""
     con.execute(
-        "INSERT OR REPLACE INTO run_inputs VALUES (?, ?, ?, ?, ?, ?)",
+        insert_sql(RUN_INPUTS, replace=True),
         [run_id, info.source, info.rows, info.content_hash, json.dumps(info.columns),
          time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())],
     )

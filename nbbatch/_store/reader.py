@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
@@ -23,13 +23,16 @@ from nbbatch._store.connection import StoreOpenError, open_store, relation_conne
 from nbbatch._store import segments
 from nbbatch._store.arrow import timestamp
 from nbbatch._store.lock import End, ended, interrupted_error, resolve_status, writer_alive
-from nbbatch._store.schema import outputs_table
-from nbbatch._store.sql import ident
+from nbbatch._store.schema import OUTPUT_KEYS, RUNS, outputs_table_name
+from nbbatch._store.sql import ident, type_name
 
 __all__ = [
     "RUN_COLUMNS",
+    "RecordedError",
+    "error_counts",
     "errors_relation",
     "find_run",
+    "latest_errors",
     "list_runs",
     "metrics_relation",
     "outputs_relation",
@@ -40,12 +43,10 @@ __all__ = [
     "store_path",
 ]
 
-RUN_COLUMNS = (
-    "run_id", "name", "status", "processor", "dataset_len", "batch_size", "max_batches", "checkpoint_interval",
-    "planned_batches", "real_batches", "world_size", "attempt", "done_at_start", "on_error", "max_failures",
-    "output_dir", "launch", "config", "reduced_metrics", "error", "host", "pid", "created_at", "started_at",
-    "updated_at", "finished_at",
-)
+#: The columns of the ``runs`` table, as every run summary has them (options are columns; ``config``
+#: holds only the call's options that have no column of their own).
+RUN_COLUMNS = RUNS.names
+_RECENT_RUNS = 5  # named in the error for a run that is not there
 
 _SUMMARY = f"""
 SELECT {", ".join(f"r.{ident(c)}" for c in RUN_COLUMNS)},
@@ -128,7 +129,8 @@ def run_summary(con: duckdb.DuckDBPyConnection, name_or_id: str) -> dict[str, An
     rows = cur.fetchall()
     row = rows[0] if rows else None
     if row is None:
-        names = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY created_at DESC LIMIT 5").fetchall()]
+        recent = con.execute("SELECT name FROM runs ORDER BY created_at DESC LIMIT ?", [_RECENT_RUNS]).fetchall()
+        names = [r[0] for r in recent]
         hint = f" (recent runs: {', '.join(names)})" if names else " (the store has no runs yet)"
         raise RunNotFound(f"no run named {name_or_id!r} in this store{hint}; `nbbatch runs` lists them")
     return _with_live_status(con, [_row_dict(cur, row)])[0]
@@ -148,7 +150,7 @@ def list_runs(con: duckdb.DuckDBPyConnection, limit: int | None = None) -> list[
 
 def outputs_sql(con: duckdb.DuckDBPyConnection, run_id: str) -> str:
     """SQL for one row per stored sample, unordered: committed segments and inline rows together."""
-    table = outputs_table(run_id)
+    table = outputs_table_name(run_id)
     exists = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
     ).fetchall()
@@ -156,11 +158,9 @@ def outputs_sql(con: duckdb.DuckDBPyConnection, run_id: str) -> str:
     parts = [segments.view_sql(con, run_id, path) if path else None]
     parts.append(f"SELECT * FROM {ident(table)}" if exists[0][0] else None)
     present = [p for p in parts if p is not None]
-    if not present:
-        return (
-            "SELECT NULL::VARCHAR AS run_id, NULL::INTEGER AS rank, NULL::BIGINT AS batch_idx, "
-            "NULL::BIGINT AS global_batch, NULL::BIGINT AS sample_index WHERE false"
-        )
+    if not present:  # no rows yet: the key columns alone, typed as an outputs table has them
+        keys_sql = ", ".join(f"NULL::{type_name(con, c.type)} AS {ident(c.name)}" for c in OUTPUT_KEYS)
+        return f"SELECT {keys_sql} WHERE false"
     return " UNION ALL BY NAME ".join(f"({p})" if len(present) > 1 else p for p in present)
 
 
@@ -179,3 +179,33 @@ def errors_relation(con: duckdb.DuckDBPyConnection, run_id: str) -> duckdb.DuckD
     return con.sql("SELECT * FROM errors WHERE run_id = $run_id ORDER BY occurred_at", params={"run_id": run_id})
 
 
+class RecordedError(NamedTuple):
+    """One row of the ``errors`` table, as front ends show it."""
+
+    rank: int | None
+    batch_idx: int | None  # None: outside a batch
+    indices: list[int] | None
+    exc_type: str
+    message: str
+    traceback: str | None
+
+
+def latest_errors(
+    con: duckdb.DuckDBPyConnection, run_id: str, limit: int, *, current_attempt: bool = False
+) -> list[RecordedError]:
+    """The run's ``limit`` most recent errors, newest first; with ``current_attempt``, of its latest attempt only."""
+    attempt = " AND attempt = (SELECT attempt FROM runs WHERE run_id = $run_id)" if current_attempt else ""
+    rows = con.execute(
+        "SELECT rank, batch_idx, indices, exc_type, message, traceback FROM errors WHERE run_id = $run_id"
+        + attempt + " ORDER BY occurred_at DESC LIMIT $limit",
+        {"run_id": run_id, "limit": limit},
+    ).fetchall()
+    return [RecordedError(*row) for row in rows]
+
+
+def error_counts(con: duckdb.DuckDBPyConnection, run_id: str) -> list[tuple[str, int]]:
+    """``(exc_type, count)`` of the run's recorded errors, most frequent first."""
+    rows = con.execute(
+        "SELECT exc_type, count(*) FROM errors WHERE run_id = ? GROUP BY exc_type ORDER BY 2 DESC", [run_id]
+    ).fetchall()
+    return [(str(t), int(n)) for t, n in rows]

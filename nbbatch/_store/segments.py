@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import time
 import zlib
 from collections.abc import Sequence
 
@@ -27,7 +28,16 @@ from nbbatch._errors import StoreError
 from nbbatch._events import SegmentWritten
 from nbbatch._rows import SEGMENT_FOLDER, is_segment_name, marker_name, segment_name
 from nbbatch._store.columns import case_clash, output_columns
-from nbbatch._store.schema import KEY_COLUMNS, outputs_folder, outputs_table, run_folder
+from nbbatch._store.arrow import timestamp
+from nbbatch._store.schema import (
+    KEY_COLUMNS,
+    SEGMENT_COLUMNS,
+    SEGMENTS,
+    insert_sql,
+    outputs_folder,
+    outputs_table_name,
+    run_folder,
+)
 from nbbatch._store.sql import ident, literal, type_name
 
 __all__ = [
@@ -142,7 +152,7 @@ def record(con: duckdb.DuckDBPyConnection, run_id: str, attempt: int, written: S
                         f"both spellings); DuckDB column names ignore case, so return one spelling from "
                         f"`process_batch` and resume the run with the same `run_name`"
                     )
-                con.execute("INSERT INTO segment_columns VALUES (?, ?, ?, ?)", [run_id, position, name, kind])
+                con.execute(insert_sql(SEGMENT_COLUMNS), [run_id, position, name, kind])
                 stored[name], position = kind, position + 1
             elif have == _NULL and kind != _NULL:  # a key that was None so far: its first real type wins
                 con.execute("UPDATE segment_columns SET type = ? WHERE run_id = ? AND name = ?", [kind, run_id, name])
@@ -154,7 +164,7 @@ def record(con: duckdb.DuckDBPyConnection, run_id: str, attempt: int, written: S
                     f"Python lists for ragged values)"
                 )
     con.executemany(
-        "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        insert_sql(SEGMENTS),
         [[run_id, s.file, attempt, s.rank, s.step, s.rows, s.nbytes, s.checksum, min(s.global_batches, default=None),
           max(s.global_batches, default=None), now] for s in written],
     )
@@ -253,15 +263,14 @@ def _into_file(con: duckdb.DuckDBPyConnection, run_id: str, source: str, where: 
     with open(partial, "rb") as handle:
         data = handle.read()
     os.replace(partial, final)
-    con.execute(
-        "INSERT INTO segments VALUES (?, ?, 0, 0, ?, ?, ?, ?, NULL, NULL, now()::TIMESTAMP)",
-        [run_id, name, step, rows, len(data), f"crc32:{zlib.crc32(data):08x}"],
-    )
+    row = {"run_id": run_id, "file": name, "attempt": 0, "rank": 0, "step": step, "rows": rows, "bytes": len(data),
+           "checksum": f"crc32:{zlib.crc32(data):08x}", "committed_at": timestamp(time.time())}
+    con.execute(insert_sql(SEGMENTS, row), list(row.values()))
 
 
 def _into_table(con: duckdb.DuckDBPyConnection, run_id: str, source: str) -> None:
     """Append every committed segment row to the run's inline outputs table (created if need be)."""
-    table = ident(outputs_table(run_id))
+    table = ident(outputs_table_name(run_id))
     if output_columns(con, run_id):
         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM ({source}) ORDER BY sample_index")  # sql: view_sql
     else:

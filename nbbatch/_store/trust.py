@@ -33,6 +33,8 @@ import duckdb
 
 from nbbatch._errors import StoreError
 from nbbatch._store.connection import StoreOpenError, ensure_schema, open_store
+from nbbatch._store.records import ReducerStates
+from nbbatch._store.schema import REDUCER_STATE, SIGNATURES, insert_sql
 from nbbatch._store.secret import ENV_SECRET, key_id, load_secret
 
 __all__ = [
@@ -59,6 +61,7 @@ Verdict = Literal["signed", "unsigned", "foreign"]
 
 _DOMAIN = b"nbbatch-trust-v1"
 _STATES_MAGIC = b"nbbatch-states:1\n"
+_SHOWN_RECORDS = 4  # a refusal names this many untrusted records, then counts the rest
 
 
 # -- signatures ---------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ def sign_records(con: duckdb.DuckDBPyConnection, run_id: str, records: list[Reco
 
 def put_signature(con: duckdb.DuckDBPyConnection, run_id: str, kind: str, key: str, signature: str, kid: str) -> None:
     """Upsert one signature row."""
-    con.execute("INSERT OR REPLACE INTO signatures VALUES (?, ?, ?, ?, ?)", [run_id, kind, key, signature, kid])
+    con.execute(insert_sql(SIGNATURES, replace=True), [run_id, kind, key, signature, kid])
 
 
 def sign_run(path: str, run_id: str, show: Callable[[list[Record]], None]) -> list[Record]:
@@ -276,12 +279,12 @@ class Signer:
             self._put(con, run_id, "launch", "", launch_content(json.loads(json.dumps(launch))))
 
     def put_states(
-        self, con: duckdb.DuckDBPyConnection, run_id: str, attempt: int, rank: int, step: int, states: tuple[bytes, ...]
+        self, con: duckdb.DuckDBPyConnection, run_id: str, attempt: int, rank: int, reduced: ReducerStates
     ) -> None:
         """Write one rank's reducer states (as JSON, never a pickle container) with their signature."""
-        blob = encode_states(states)
-        con.execute("INSERT OR REPLACE INTO reducer_state VALUES (?, ?, ?, ?, ?)", [run_id, attempt, rank, step, blob])
-        self._put(con, run_id, "reducer_state", *state_record(attempt, rank, step, blob))
+        blob = encode_states(reduced.states)
+        con.execute(insert_sql(REDUCER_STATE, replace=True), [run_id, attempt, rank, reduced.step, blob])
+        self._put(con, run_id, "reducer_state", *state_record(attempt, rank, reduced.step, blob))
 
     def resume_states(
         self, con: duckdb.DuckDBPyConnection, run_id: str, name: str, store: str, trust: bool
@@ -311,7 +314,7 @@ def refusal(
 ) -> str:
     """The StoreError text of a resume that meets records this user did not sign: what, why, the fix."""
     parts = []
-    for record, verdict in bad[:4]:
+    for record, verdict in bad[:_SHOWN_RECORDS]:
         if verdict == "unsigned":
             why = "unsigned"
         elif record.signed_key_id and secret is not None and record.signed_key_id != key_id(secret):
@@ -319,8 +322,8 @@ def refusal(
         else:
             why = "its signature does not match its content"
         parts.append(f"{record.describe()}: {why}")
-    if len(bad) > 4:
-        parts.append(f"and {len(bad) - 4} more")
+    if len(bad) > _SHOWN_RECORDS:
+        parts.append(f"and {len(bad) - _SHOWN_RECORDS} more")
     mine = f"this user's key id is {key_id(secret)}" if secret is not None else f"no signing key: {problem or ENV_SECRET}"
     return (
         f"run {name!r} in `{store}` holds records this user did not sign ({'; '.join(parts)}; {mine}), so nbbatch "

@@ -1,65 +1,33 @@
 """The ``nbbatch`` command: ``run``, ``runs``, ``show``, ``resume``, ``export``, ``dashboard``.
 
-It only parses into `torch_batch_process` arguments and maps outcomes to exit codes: 0 done,
-1 failed, 2 bad usage, 130 interrupted (SIGINT), 143 terminated (SIGTERM, or a stop request).
-torch loads only inside commands that run a processor, so ``nbbatch --help`` stays quick.
-Must not import ``_launch``, ``_worker`` or ``_store.writer``.
+It only parses into `torch_batch_process` arguments (``run`` and ``resume`` take the run options
+of ``_options`` through ``runner``) and maps outcomes to exit codes: 0 done, 1 failed, 2 bad
+usage, 130 interrupted (SIGINT), 143 terminated (SIGTERM, or a stop request). torch loads only
+inside commands that run a processor, so ``nbbatch --help`` stays quick. Must not import
+``_launch``, ``_worker`` or ``_store.writer``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
 import sys
-import traceback
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from nbbatch import __version__
 from nbbatch._events import Status
-from nbbatch._help import OPTION_HELP
-from nbbatch._ui import serving, targets
+from nbbatch._options import OPTION_HELP, option, stored_values
+from nbbatch._ui import runner, serving, targets
 from nbbatch._ui import trust as trust_ui
+from nbbatch._ui.runner import EXIT_DONE, EXIT_SIGINT, Display
 from nbbatch._ui.targets import UsageFailure
 
 __all__ = ["main"]
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 _STORE_HELP = OPTION_HELP["store"]
-
-
-def _setup_logging(verbose: bool) -> None:
-    logger = logging.getLogger("nbbatch")
-    if not any(getattr(h, "_nbbatch_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._nbbatch_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-def _verbose_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("-v", "--verbose", is_flag=True, help="Show Python tracebacks and debug logs.")(f)
-
-
-def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by `run` and `resume`."""
-    for option in reversed([
-        click.option("--store", "store", default=None, help=_STORE_HELP),
-        click.option("--processes", type=click.IntRange(min=1), default=None,
-                      help=OPTION_HELP["num_processes"]),
-        click.option("--dashboard", "dashboard", is_flag=True, help="Serve the live dashboard while the run goes."),
-        click.option("--dashboard-port", type=click.IntRange(0, 65535), default=5006, show_default=True,
-                      help="Port of --dashboard."),
-        click.option("--progress/--no-progress", default=True, show_default=True,
-                      help="A progress bar on a terminal, plain lines otherwise."),
-    ]):
-        f = option(f)
-    return _verbose_option(f)
+_TO_THE_SECOND = len("2024-01-31 12:00:00")  # `runs` shows creation times without fractions of a second
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -83,22 +51,9 @@ def cli() -> None:
 @click.option("--table", "table", default=None, metavar="SOURCE", help=OPTION_HELP["table"])
 @click.option("--dataset-arg", "dataset_args", multiple=True, metavar="KEY=VALUE",
               help="Keyword argument for FACTORY; VALUE is parsed as JSON when it can be (size=100, train=false).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help=OPTION_HELP["batch_size"])
-@click.option("--checkpoint-interval", type=click.IntRange(min=1), default=5, show_default=True,
-              help=OPTION_HELP["checkpoint_interval"])
-@click.option("--max-batches", type=int, default=None, help=OPTION_HELP["max_batches"])
-@click.option("--name", "run_name", default=None, callback=lambda ctx, param, value: _run_name(value),
-              help=OPTION_HELP["run_name"])
-@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True,
-              help=OPTION_HELP["on_error"])
-@click.option("--max-failures", type=click.IntRange(min=0), default=None,
-              help=OPTION_HELP["max_failures"])
-@_run_options
-def run_command(target: str, factory: str | None, table: str | None, dataset_args: tuple[str, ...], batch_size: int,
-                checkpoint_interval: int,
-                max_batches: int | None, run_name: str | None, on_error: str, max_failures: int | None,
-                store: str | None, processes: int | None, dashboard: bool, dashboard_port: int, progress: bool,
-                verbose: bool) -> int:
+@runner.run_options("run")
+def run_command(target: str, factory: str | None, table: str | None, dataset_args: tuple[str, ...],
+                **options: Any) -> int:
     """Run the processor class TARGET over the dataset FACTORY, or over the rows of a table (--table).
 
     TARGET and FACTORY are `module:attr` (imported from the current directory or sys.path) or
@@ -111,29 +66,23 @@ def run_command(target: str, factory: str | None, table: str | None, dataset_arg
           --dataset examples/embeddings.py:make_dataset --dataset-arg size=512 --batch-size 64
       nbbatch run model.py:Classify --table "SELECT id, path FROM 'in.parquet' ORDER BY id" --batch-size 32
     """
-    _setup_logging(verbose)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # until the run installs its graceful handler
+    display = Display.take(options)
     launch = targets.launch_info(target, factory, table, dataset_args)
-    kwargs = {"batch_size": batch_size, "max_batches": max_batches, "checkpoint_interval": checkpoint_interval,
-              "run_name": run_name, "on_error": on_error, "max_failures": max_failures}
-    return _start_run(launch, kwargs, targets.store_path(store), processes, dashboard, dashboard_port, progress, verbose)
+    return runner.start(launch, {**options, "store": targets.store_path(options["store"])}, display)
 
 
 @cli.command("resume")
 @click.argument("run")
-@click.option("--trust", is_flag=True, help="Run and sign records you did not sign (see `nbbatch trust`).")
-@_run_options
-def resume_command(run: str, trust: bool, store: str | None, processes: int | None, dashboard: bool,
-                   dashboard_port: int, progress: bool, verbose: bool) -> int:
+@runner.run_options("resume")
+def resume_command(run: str, **options: Any) -> int:
     """Resume the unfinished run RUN (name or id) that `nbbatch run` started.
 
     The processor and dataset are imported again as the run recorded them; committed batches are
     kept and every sample is stored exactly once. The number of processes may differ. Records
     you did not sign are refused: check them with `nbbatch show RUN`, then `nbbatch trust RUN`.
     """
-    _setup_logging(verbose)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    path = targets.existing_store(store)
+    display = Display.take(options)
+    path = targets.existing_store(options["store"])
     summary = targets.run_summary(path, run)
     launch = summary.get("launch") or {}
     if not launch.get("target") or not (launch.get("dataset") or launch.get("table")):
@@ -145,100 +94,24 @@ def resume_command(run: str, trust: bool, store: str | None, processes: int | No
     if summary["status"] == Status.DONE:
         click.echo(f"run {summary['name']!r} is already done; `nbbatch show {summary['name']}` describes it")
         return EXIT_DONE
-    launch = trust_ui.require(path, summary, trust)  # as checked, before anything it names is imported
+    launch = trust_ui.require(path, summary, options["trust"])  # as checked, before anything it names is imported
     if launch.get("cwd") and os.path.isdir(launch["cwd"]):
         os.chdir(launch["cwd"])  # relative paths in the factory mean what they meant at `nbbatch run`
-    kwargs = {"batch_size": summary["batch_size"], "max_batches": summary["max_batches"],
-              "checkpoint_interval": summary["checkpoint_interval"], "run_name": _run_name(summary["name"], summary["run_id"]),
-              "on_error": summary["on_error"] or "raise", "max_failures": summary["max_failures"]}
+    return runner.start(launch, {**options, **_resumed(summary, options["num_processes"]), "store": path}, display)
+
+
+def _resumed(summary: dict[str, Any], processes: int | None) -> dict[str, Any]:
+    """The options the run keeps, as `nbbatch run` gave them; the worker count may change."""
     if processes is None and "WORLD_SIZE" not in os.environ:
         processes = int(summary["world_size"] or 1)
-    return _start_run(launch, kwargs, path, processes, dashboard, dashboard_port, progress, verbose, trust)
-
-
-def _run_name(value: str | None, run_id: str | None = None) -> str | None:
-    """``--name`` checked while parsing (exit 2, before any import); resuming a run an older nbbatch
-    stored under a name outside today's rule uses its id instead."""
-    from nbbatch._store.schema import check_run_name
-
     try:
-        return None if value is None else check_run_name(value)
-    except ValueError as exc:
-        if run_id is not None:
-            return run_id
-        raise click.BadParameter(str(exc)) from None
+        name = option("run_name").require(summary["name"])
+    except ValueError:  # an older nbbatch stored a name outside today's rule: the id names the run too
+        name = summary["run_id"]
+    return {**stored_values(summary), "run_name": name, "num_processes": processes}
 
 
 cli.add_command(trust_ui.trust_command)
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(EXIT_SIGTERM)
-
-
-def _start_run(launch: dict[str, Any], kwargs: dict[str, Any], store: str, processes: int | None, dashboard: bool,
-               dashboard_port: int, progress: bool, verbose: bool, trust: bool = False) -> int:
-    """Import the processor and dataset, run, and turn the outcome into an exit code."""
-    cwd = launch.get("cwd") or os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)  # like `python -m`: modules next to where the run was started
-    processor = targets.processor(launch["target"], verbose)
-    if launch.get("table"):
-        dataset = targets.table(launch["table"])
-    else:
-        dataset = targets.dataset(launch["dataset"], launch.get("dataset_args") or {}, verbose)
-    from nbbatch._api import torch_batch_process
-    from nbbatch._errors import InvalidArgument, NbbatchError, ResumeMismatch, WorkerFailed
-
-    server = serving.serve_during_run(store, dashboard_port) if dashboard else None
-    try:
-        run = torch_batch_process(processor, dataset, store=store, num_processes=processes, progress=progress,
-                                  launch=launch, trust=trust, **kwargs)
-    except KeyboardInterrupt as exc:
-        click.echo(f"nbbatch: interrupted: {exc}" if str(exc) else "nbbatch: interrupted", err=True)
-        return EXIT_SIGINT
-    except SystemExit as exc:
-        if exc.code == EXIT_SIGTERM:
-            click.echo("nbbatch: terminated; the run committed its last checkpoint and can be resumed", err=True)
-            return EXIT_SIGTERM
-        raise
-    except (InvalidArgument, ResumeMismatch, TypeError) as exc:
-        _report(exc, verbose)
-        return EXIT_USAGE
-    except NbbatchError as exc:
-        _report(exc, verbose)
-        if isinstance(exc, WorkerFailed) and exc.run_name:
-            click.echo(f"nbbatch: details: `nbbatch show {exc.run_name}`; resume: `nbbatch resume {exc.run_name}`",
-                       err=True)
-        return EXIT_FAILED
-    except Exception as exc:  # not ours: still one message, the traceback with --verbose
-        _report(exc, verbose, with_type=True)
-        return EXIT_FAILED
-    finally:
-        serving.stop_server(server)
-    if os.environ.get("RANK", "0") != "0":
-        return EXIT_DONE  # under torchrun only rank 0 reports; the store lives on its machine
-    summary = run.summary
-    click.echo(_one_line(summary))
-    if summary["status"] == Status.PREEMPTED:
-        click.echo(f"nbbatch: run {summary['name']!r} was stopped; continue it with `nbbatch resume {summary['name']}`",
-                   err=True)
-        return EXIT_SIGTERM
-    return EXIT_DONE if summary["status"] == Status.DONE else EXIT_FAILED
-
-
-def _report(exc: BaseException, verbose: bool, with_type: bool = False) -> None:
-    if verbose:
-        traceback.print_exception(exc, file=sys.stderr)
-        return
-    message = getattr(exc, "message", None) or str(exc)  # WorkerFailed.message leaves out the remote traceback
-    click.echo(f"Error: {type(exc).__name__ + ': ' if with_type else ''}{message} (--verbose shows the traceback)",
-               err=True)
-
-
-def _one_line(s: dict[str, Any]) -> str:
-    return (f"run {s['name']!r} {s['status']}: {s['committed_batches']}/{s['real_batches']} batches, "
-            f"{s['committed_rows']} rows, {s['errors']} errors")
 
 
 @cli.command("runs")
@@ -263,7 +136,7 @@ def runs_command(store: str | None, as_json: bool) -> int:
     for r in rows:
         table.append((str(r["name"]), str(r["status"]), f"{r['committed_batches']}/{r['real_batches']}",
                       str(r["committed_rows"]), str(r["errors"]), str(r["world_size"]),
-                      str(r["created_at"])[:19]))
+                      str(r["created_at"])[:_TO_THE_SECOND]))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
@@ -283,13 +156,8 @@ def show_command(run: str, store: str | None, as_json: bool) -> int:
     path = targets.existing_store(store)
     s = targets.run_summary(path, run)
     with reader.reading(path) as con:
-        by_type = con.execute(
-            "SELECT exc_type, count(*) FROM errors WHERE run_id = ? GROUP BY exc_type ORDER BY 2 DESC", [s["run_id"]]
-        ).fetchall()
-        last = con.execute(
-            "SELECT rank, batch_idx, exc_type, message FROM errors WHERE run_id = ? ORDER BY occurred_at DESC LIMIT 1",
-            [s["run_id"]],
-        ).fetchall()
+        by_type = reader.error_counts(con, s["run_id"])
+        last = reader.latest_errors(con, s["run_id"], 1)
     if as_json:
         click.echo(json.dumps({**s, "errors_by_type": dict(by_type), "trust": trust_ui.show_json(path, s)},
                               default=str, indent=2))
@@ -305,8 +173,8 @@ def show_command(run: str, store: str | None, as_json: bool) -> int:
         ("errors", ", ".join(f"{t} x{n}" for t, n in by_type) if by_type else "none"),
     ]
     if last:
-        rank, batch_idx, exc_type, message = last[0]
-        lines.append(("last error", f"rank {rank}, batch_idx {batch_idx}: {exc_type}: {_first_line(message)}"))
+        e = last[0]
+        lines.append(("last error", f"rank {e.rank}, batch_idx {e.batch_idx}: {e.exc_type}: {_first_line(e.message)}"))
     if s.get("error"):
         lines.append(("failure", _first_line(str(s["error"]))))
     lines += [

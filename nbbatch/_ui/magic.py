@@ -22,12 +22,18 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from nbbatch._help import OPTION_HELP
+from nbbatch._errors import InvalidArgument
+from nbbatch._events import Status
+from nbbatch._options import OPTION_HELP, Option, flagged
 
 __all__ = ["BatchMagics"]
 
-# How long `--background` waits for the run to appear in the store before giving up.
-START_TIMEOUT = 120.0
+# How long `--background` waits for the run to appear in the store before giving up, and how often it looks.
+START_TIMEOUT_SECONDS = 120.0
+START_POLL_SECONDS = 0.05
+
+# What the magic adds to an option's help text from the table.
+_HELP_SUFFIX = {"run_name": " Default: nb-<date>-<time>-<random>."}
 
 # Background runs started by this kernel, by store path: (variable name, Run).
 _BACKGROUND: dict[str, tuple[str, Any]] = {}
@@ -36,6 +42,24 @@ _BACKGROUND: dict[str, tuple[str, Any]] = {}
 def new_run_name(clock: Any = time) -> str:
     """``nb-YYYYmmdd-HHMMSS-xxxx``: chosen up front so a background run can be opened by name."""
     return str(clock.strftime("nb-%Y%m%d-%H%M%S-")) + uuid.uuid4().hex[:4]
+
+
+def _run_arguments(magic: Any) -> Any:
+    """The run options of the table as arguments (``dest`` is the `torch_batch_process` keyword)."""
+    for option in reversed(flagged("magic")):
+        magic = argument(str(option.flag), dest=option.name, help=option.help + _HELP_SUFFIX.get(option.name, ""),
+                         **_parsing(option))(magic)
+    return magic
+
+
+def _parsing(option: Option) -> dict[str, Any]:
+    """How argparse reads the option: a flag, a choice, or a value of the option's type named after the flag."""
+    if option.type is bool:
+        return {"action": "store_true"}
+    if option.choices:
+        return {"choices": list(option.choices), "default": option.flag_default}
+    metavar = str(option.flag).lstrip("-").upper().replace("-", "_")  # `--batch-size BATCH_SIZE`
+    return {"type": option.type, "default": option.flag_default, "metavar": metavar}
 
 
 @magics_class
@@ -49,14 +73,7 @@ class BatchMagics(Magics):
     @argument("--table", default=None, help=OPTION_HELP["table"])
     @argument("--processor", dest="processor_name", default=None,
               help="Which class the cell defines to run (cell magic; default: the only one it defines).")
-    @argument("--batch-size", type=int, default=None, help=OPTION_HELP["batch_size"])
-    @argument("--processes", type=int, default=None, help=OPTION_HELP["num_processes"])
-    @argument("--checkpoint-interval", type=int, default=5, help=OPTION_HELP["checkpoint_interval"])
-    @argument("--max-batches", type=int, default=None, help=OPTION_HELP["max_batches"])
-    @argument("--name", default=None, help=OPTION_HELP["run_name"] + " Default: nb-<date>-<time>-<random>.")
-    @argument("--store", default=None, help=OPTION_HELP["store"])
-    @argument("--on-error", choices=["raise", "skip"], default="raise", help=OPTION_HELP["on_error"])
-    @argument("--max-failures", type=int, default=None, help=OPTION_HELP["max_failures"])
+    @_run_arguments
     @argument("--out", default="_run", help="Variable that receives the Run (default: _run).")
     @argument("--background", action="store_true",
               help="Return the Run at once; the display stays live. `run.wait()` blocks, `run.stop()` preempts.")
@@ -85,17 +102,12 @@ class BatchMagics(Magics):
         args = parse_argstring(self.batchprocess, line)
         if not args.out.isidentifier():
             raise UsageError(f"--out must be a Python variable name, got {args.out!r}")
-        _check_options(args)
+        kwargs = _run_options(args)
         if cell is None:
             processor, dataset = self._line_targets(args)
         else:
             processor, dataset = self._cell_targets(args, cell)
-        store = os.path.abspath(args.store) if args.store else None
-        kwargs: dict[str, Any] = {
-            "batch_size": args.batch_size, "max_batches": args.max_batches,
-            "checkpoint_interval": args.checkpoint_interval, "num_processes": args.processes, "store": store,
-            "run_name": args.name or new_run_name(), "on_error": args.on_error, "max_failures": args.max_failures,
-        }
+        kwargs["run_name"] = kwargs["run_name"] or new_run_name()
         if args.background:
             return self._background(processor, dataset, kwargs, args)
         return self._blocking(processor, dataset, kwargs, args)
@@ -209,7 +221,7 @@ class BatchMagics(Magics):
             _usage_error(exc)
             _show_error(reporter, exc)
             _explain_busy(exc, kwargs["store"])
-            _explain_resume(exc, kwargs["run_name"], named=args.name is not None)
+            _explain_resume(exc, kwargs["run_name"], named=args.run_name is not None)
             self._leave_run(args.out, kwargs["run_name"], kwargs["store"])
             if _is_expected(exc):
                 _raise_in_cell(exc)
@@ -229,7 +241,7 @@ class BatchMagics(Magics):
             try:
                 torch_batch_process(processor, dataset, progress=reporter, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - shown in the display; `Run.wait()` raises it
-                _explain_resume(exc, kwargs["run_name"], named=args.name is not None)
+                _explain_resume(exc, kwargs["run_name"], named=args.run_name is not None)
                 failure.append(exc)
                 _show_error(reporter, exc)
 
@@ -237,7 +249,7 @@ class BatchMagics(Magics):
         # the time, so frontends that route by cell (nbclient) still apply the display updates.
         thread = threading.Thread(target=work, daemon=True, name=f"nbbatch-{kwargs['run_name']}")
         thread.start()
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
         __tracebackhide__ = True
         while True:
             if failure:
@@ -256,34 +268,28 @@ class BatchMagics(Magics):
                 if time.monotonic() > deadline:
                     raise UsageError(
                         f"the background run {kwargs['run_name']!r} did not appear in the store within "
-                        f"{START_TIMEOUT:.0f} s; check the store path"
+                        f"{START_TIMEOUT_SECONDS:.0f} s; check the store path"
                     ) from None
-                time.sleep(0.05)
-        run._thread = thread
-        run._failure = failure
+                time.sleep(START_POLL_SECONDS)
+        run.attach_background(thread, failure)
         _BACKGROUND[run.store] = (args.out, run)
         self._shell.user_ns[args.out] = run
         return run
 
 
-# Option -> smallest valid value; the core checks them too, but a cell should show one line, not a traceback.
-_MINIMUM = {"batch_size": ("--batch-size", 1), "processes": ("--processes", 1),
-            "checkpoint_interval": ("--checkpoint-interval", 1), "max_failures": ("--max-failures", 0)}
-
-
-def _check_options(args: Any) -> None:
-    """Bad numbers and run names are bad usage: a one-line `UsageError` before anything runs."""
-    from nbbatch._store.schema import check_run_name
-
-    for dest, (option, minimum) in _MINIMUM.items():
-        value = getattr(args, dest)
-        if value is not None and value < minimum:
-            raise UsageError(f"{option} must be at least {minimum}, got {value}")
-    if args.name is not None:
+def _run_options(args: Any) -> dict[str, Any]:
+    """The run options of the line, checked by their records: a bad value is bad usage, one
+    `UsageError` line before anything runs (the core checks them too, but with a traceback)."""
+    values: dict[str, Any] = {}
+    for option in flagged("magic"):
+        value = getattr(args, option.name)
+        if value is not None and option.minimum is not None and value < option.minimum:
+            raise UsageError(f"{option.flag} must be at least {option.minimum}, got {value}")
         try:
-            check_run_name(args.name)
-        except ValueError as exc:
-            raise UsageError(f"--name: {exc}") from None
+            values[option.name] = option.validate(value)
+        except InvalidArgument as exc:
+            raise UsageError(f"{option.flag}: {exc}") from None
+    return values
 
 
 def _usage_error(exc: BaseException) -> None:
@@ -315,7 +321,16 @@ def _is_expected(exc: BaseException) -> bool:
     """An error nbbatch raised on purpose, or the interrupt after a preemption: its text says it all."""
     from nbbatch._errors import NbbatchError
 
-    return isinstance(exc, NbbatchError) or (isinstance(exc, KeyboardInterrupt) and "preempted" in str(exc))
+    return isinstance(exc, NbbatchError) or _is_preemption(exc)
+
+
+def _is_preemption(exc: BaseException) -> bool:
+    """The `KeyboardInterrupt` a preempted run ends with; only its message tells it from a plain one.
+
+    A subclass would say it by type, but Python exits by SIGINT (code 130) only for an uncaught
+    `KeyboardInterrupt` of exactly that type, which scripts and batch systems rely on.
+    """
+    return isinstance(exc, KeyboardInterrupt) and f" {Status.PREEMPTED} " in str(exc)
 
 
 def _raise_in_cell(exc: BaseException) -> None:
@@ -327,7 +342,7 @@ def _explain_resume(exc: BaseException, name: str, named: bool) -> None:
     """A preempted or failed run resumes under its name; a generated name must be passed back."""
     from nbbatch._errors import RunFailed, WorkerFailed
 
-    if not (isinstance(exc, (WorkerFailed, RunFailed)) or (isinstance(exc, KeyboardInterrupt) and "preempted" in str(exc))):
+    if not (isinstance(exc, (WorkerFailed, RunFailed)) or _is_preemption(exc)):
         return
     how = "run the same line again" if named else f"run the line again with `--name {name}`"
     exc.add_note(f"%batchprocess: to resume (committed batches are kept), {how}")
@@ -343,7 +358,7 @@ def _explain_busy(exc: BaseException, store: str | None) -> None:
     exc._nbbatch_explained = True  # type: ignore[attr-defined]
     path = store or os.path.abspath(default_store())
     holder = _BACKGROUND.get(path)
-    if holder is not None and holder[1]._thread is not None and holder[1]._thread.is_alive():
+    if holder is not None and holder[1].running_in_background:
         exc.add_note(
             f"%batchprocess: the background run in `{holder[0]}` ({holder[1].name!r}) holds this store; "
             f"`{holder[0]}.wait()` for it or `{holder[0]}.stop()` it, or pass --store OTHER.duckdb"

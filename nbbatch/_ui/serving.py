@@ -12,11 +12,16 @@ from typing import Any
 
 import click
 
-from nbbatch._help import OPTION_HELP
+from nbbatch._options import OPTION_HELP
 from nbbatch._ui import targets
 from nbbatch._ui.targets import UsageFailure
 
-__all__ = ["dashboard_command", "serve_during_run", "stop_server"]
+__all__ = ["DEFAULT_PORT", "dashboard_command", "serve_during_run", "stop_server"]
+
+DEFAULT_PORT = 5006  # Panel's and Bokeh's usual port, for `nbbatch dashboard` and `nbbatch run --dashboard`
+
+# `nbbatch dashboard` options that pick how people sign in; passed to `serve` only when given.
+_SIGN_IN = ("basic_auth", "oauth_provider", "oauth_key", "oauth_secret", "oauth_redirect_uri", "cookie_secret")
 
 
 def serve_during_run(store: str, port: int) -> Any:
@@ -41,7 +46,7 @@ def stop_server(server: Any) -> None:
 
 @click.command("dashboard")
 @click.option("--store", "store", default=None, help=OPTION_HELP["store"])
-@click.option("--port", type=click.IntRange(0, 65535), default=5006, show_default=True,
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
               help="Port to serve on; 0 picks a free one (the printed URL has it).")
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 opens it to the network (the token keeps others out).")
@@ -60,10 +65,7 @@ def stop_server(server: Any) -> None:
 @click.option("--oauth-redirect-uri", default=None, help="OAuth redirect URI (Panel's `oauth_redirect_uri`).")
 @click.option("--cookie-secret", default=None, help="Secret that signs Panel's login cookies.")
 @click.option("--show/--no-show", default=False, show_default=True, help="Open a browser tab.")
-def dashboard_command(store: str | None, port: int, address: str, token: str | None, allow_hosts: tuple[str, ...],
-                      basic_auth: str | None, oauth_provider: str | None, oauth_key: str | None,
-                      oauth_secret: str | None, oauth_redirect_uri: str | None, cookie_secret: str | None,
-                      show: bool) -> int:
+def dashboard_command(**options: Any) -> int:
     """Serve the live dashboard of a store (runs, progress, metrics, errors, resume/stop).
 
     It answers only requests for this machine's own names (loopback, --address, --allow-host) and
@@ -81,17 +83,15 @@ def dashboard_command(store: str | None, port: int, address: str, token: str | N
         raise click.ClickException(f"the dashboard is unavailable: {exc}") from None
     from nbbatch._errors import InvalidArgument
 
-    path = targets.store_path(store)
-    sign_in = {k: v for k, v in {"basic_auth": basic_auth, "oauth_provider": oauth_provider, "oauth_key": oauth_key,
-                                  "oauth_secret": oauth_secret, "oauth_redirect_uri": oauth_redirect_uri,
-                                  "cookie_secret": cookie_secret}.items() if v is not None}
+    path = targets.store_path(options["store"])
+    sign_in = {name: options[name] for name in _SIGN_IN if options[name] is not None}
 
     def ready(url: str) -> None:
         click.echo(f"nbbatch: dashboard for {path} at {url} (Ctrl-C to stop)", err=True)
 
     try:
-        serve(path, port=port, address=address, show=show, threaded=False, token=token, allow_hosts=allow_hosts,
-              on_ready=ready, **sign_in)
+        serve(path, port=options["port"], address=options["address"], show=options["show"], threaded=False,
+              token=options["token"], allow_hosts=options["allow_hosts"], on_ready=ready, **sign_in)
     except InvalidArgument as exc:
         raise UsageFailure(str(exc)) from None
     except KeyboardInterrupt:  # Ctrl-C is how a served dashboard ends

@@ -23,11 +23,12 @@ from typing import Any
 import click
 
 __all__ = [
-    "UsageFailure", "dataset", "existing_store", "normalize", "parse_args", "processor", "resolve", "run_summary",
-    "launch_info", "store_path", "table", "with_inputs",
+    "UsageFailure", "dataset", "existing_store", "launch_info", "load", "normalize", "parse_args", "processor",
+    "resolve", "run_summary", "store_path", "table", "with_inputs",
 ]
 
 _FILES: dict[str, ModuleType] = {}
+_NAMES_SHOWN = 12  # names a "has no attribute" message lists from the module
 
 
 class UsageFailure(click.ClickException):
@@ -130,7 +131,7 @@ def resolve(ref: str, what: str, verbose: bool = False) -> Any:
                 n for n, v in vars(module).items()
                 if not n.startswith("_") and not isinstance(v, ModuleType)
                 and getattr(v, "__module__", module.__name__) == module.__name__
-            ][:12]
+            ][:_NAMES_SHOWN]
             raise UsageFailure(
                 f"{what} {ref!r}: `{module_name}` has no attribute `{attr}` (it defines: {', '.join(names) or 'nothing'})"
             )
@@ -170,6 +171,17 @@ def dataset(ref: str, args: dict[str, Any], verbose: bool = False) -> Any:
             f"`__getitem__` (a torch Dataset, a list, ...)"
         )
     return obj
+
+
+def load(launch: dict[str, Any], verbose: bool = False) -> tuple[type[Any], Any]:
+    """The processor class and the dataset that `launch_info` recorded, imported from where the run started."""
+    cwd = launch.get("cwd") or os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)  # like `python -m`: modules next to where the run was started
+    cls = processor(launch["target"], verbose)
+    if launch.get("table"):
+        return cls, table(launch["table"])
+    return cls, dataset(launch["dataset"], launch.get("dataset_args") or {}, verbose)
 
 
 def launch_info(target: str, factory: str | None, table: str | None, dataset_args: Iterable[str]) -> dict[str, Any]:

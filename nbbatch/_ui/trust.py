@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from nbbatch._errors import StoreError
-from nbbatch._help import OPTION_HELP
+from nbbatch._options import OPTION_HELP
 from nbbatch._store.secret import key_id, load_secret
 from nbbatch._ui import targets
 
@@ -129,7 +129,8 @@ def require(path: str, summary: dict[str, Any], trust: bool) -> dict[str, Any]:
     return launch
 
 
-AGREE_TIMEOUT_S = 300.0
+#: Longest a torchrun rank waits for every rank's trust verdict before refusing.
+AGREE_TIMEOUT_SECONDS = 300.0
 _stores: list[Any] = []  # a TCPStore this process hosts must outlive the check (torch's own group reuses it)
 
 
@@ -150,7 +151,7 @@ def _agree(refused: str | None) -> str | None:
 
     rank = int(env.get("RANK", "0"))
     hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0  # else the agent hosts it
-    timeout = datetime.timedelta(seconds=AGREE_TIMEOUT_S)
+    timeout = datetime.timedelta(seconds=AGREE_TIMEOUT_SECONDS)
     store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=hosts, timeout=timeout,
                           multi_tenant=True, wait_for_workers=False)
     _stores.append(store)
@@ -160,7 +161,7 @@ def _agree(refused: str | None) -> str | None:
     try:
         store.wait(keys, timeout)
     except Exception as exc:  # a rank that failed before its check (say, no store on its machine)
-        return f"not every torchrun rank reached the trust check within {AGREE_TIMEOUT_S:.0f} s ({exc})"
+        return f"not every torchrun rank reached the trust check within {AGREE_TIMEOUT_SECONDS:.0f} s ({exc})"
     for r, key in enumerate(keys):
         text = bytes(store.get(key)).decode()
         if text:

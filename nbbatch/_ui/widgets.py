@@ -3,7 +3,9 @@
 The launcher calls `WidgetReporter.update` from its own loop about twice a second, so the display
 stays live while the cell blocks (a Panel or asyncio periodic callback would not tick then). When
 the run ends the widgets are replaced, in the same output, by plain HTML that a saved notebook
-still shows. Remote tracebacks come from the store's ``errors`` table. Reads ``_progress`` and
+still shows. Remote tracebacks come from the store's ``errors`` table, for the magic's runs and for
+a plain `torch_batch_process` call in a kernel alike. Colours, the fraction done and the Jupyter
+check come from ``_progress``, as in the dashboard. Reads ``_events``, ``_progress`` and
 ``_store.reader`` only; must not import the launcher or torch.
 """
 
@@ -17,22 +19,28 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from nbbatch._events import Status
 from nbbatch._progress import (
     Clock,
     ProgressSnapshot,
     Reporter,
     WorkerProgress,
     format_duration,
+    in_jupyter,
+    status_color,
     terminal_reporter,
 )
 
-__all__ = ["WidgetReporter", "summary_html", "widget_reporter"]
+__all__ = ["UPDATE_EVERY_SECONDS", "WidgetReporter", "summary_html", "widget_reporter"]
 
 logger = logging.getLogger("nbbatch")
 
-_COLORS = {"done": "#2e7d32", "failed": "#c62828", "preempted": "#ef6c00", "running": "#1565c0"}
-_BAR_STYLES = {"done": "success", "failed": "danger", "preempted": "warning"}
+#: Least seconds between two renders of the live display (the launcher updates it more often).
+UPDATE_EVERY_SECONDS = 0.5
 _MAX_TRACEBACKS = 5
+#: Latest metrics shown, and the characters of each value before it is cut with "…".
+_MAX_METRICS = 12
+_METRIC_CHARS = 80
 
 ErrorRow = tuple[str, str]  # (one-line headline, traceback text)
 
@@ -43,25 +51,18 @@ def _esc(value: Any) -> str:
 
 def _short(value: Any) -> str:
     text = f"{value:.4g}" if isinstance(value, float) else str(value)
-    return text if len(text) < 80 else text[:77] + "…"
+    return text if len(text) < _METRIC_CHARS else text[:_METRIC_CHARS - 3] + "…"
 
 
 def _rate(s: ProgressSnapshot) -> str:
     return f"{s.rate:,.1f} samples/s" if s.rate else "… samples/s"
 
 
-def fraction(s: ProgressSnapshot) -> float:
-    """Share of planned batches processed, failed ones included (1.0 for an empty plan)."""
-    if s.total_batches == 0:
-        return 1.0
-    return min(1.0, (s.done_batches + s.failed_batches) / s.total_batches)
-
-
 def counts_text(s: ProgressSnapshot) -> str:
     """The one-line numbers under the overall bar (plain text, escape before use in HTML)."""
-    eta = f" · ETA {format_duration(s.eta)}" if s.status == "running" else ""
+    eta = f" · ETA {format_duration(s.eta)}" if s.status is Status.RUNNING else ""
     return (
-        f"{s.done_batches + s.failed_batches}/{s.total_batches} batches ({100 * fraction(s):.0f}%) · {_rate(s)}{eta} · "
+        f"{s.processed_batches}/{s.total_batches} batches ({100 * s.fraction:.0f}%) · {_rate(s)}{eta} · "
         f"{format_duration(s.elapsed)} elapsed · {s.committed_batches} committed · {s.failed_batches} failed"
     )
 
@@ -72,7 +73,7 @@ def metrics_html(metrics: dict[str, Any]) -> str:
         return ""
     cells = "".join(
         f"<tr><td style='padding:0 12px 0 0'>{_esc(k)}</td><td><code>{_esc(_short(v))}</code></td></tr>"
-        for k, v in list(metrics.items())[:12]
+        for k, v in list(metrics.items())[:_MAX_METRICS]
     )
     return f"<div style='margin-top:4px;line-height:1.3'><b>latest metrics</b><table style='font-size:90%'>{cells}</table></div>"
 
@@ -108,8 +109,8 @@ def summary_html(
     Example:
         >>> html_text = summary_html(snapshot)   # doctest: +SKIP
     """
-    color = _COLORS.get(s.status, "#555")
-    pct = 100 * fraction(s)
+    color = status_color(s.status)
+    pct = 100 * s.fraction
     workers = "".join(
         f"<div style='font-size:85%'>{_esc(_worker_line(w))}</div>" for w in s.workers
     )
@@ -140,12 +141,7 @@ def store_tracebacks(store: str) -> Callable[[str], list[ErrorRow]]:
         from nbbatch._store import reader
 
         with reader.reading(store) as con:
-            rows = con.execute(
-                "SELECT rank, batch_idx, indices, exc_type, message, traceback FROM errors "
-                "WHERE run_id = ? AND attempt = (SELECT attempt FROM runs WHERE run_id = ?) "
-                "ORDER BY occurred_at DESC LIMIT ?",
-                [run_id, run_id, _MAX_TRACEBACKS],
-            ).fetchall()
+            rows = reader.latest_errors(con, run_id, _MAX_TRACEBACKS, current_attempt=True)
         out = []
         for rank, batch_idx, indices, exc_type, message, tb in reversed(rows):
             where = f"batch_idx {batch_idx}" if batch_idx is not None else "outside a batch"
@@ -168,7 +164,7 @@ class WidgetReporter:
         display: IPython's ``display`` (a parameter so tests can capture it).
     """
 
-    min_interval = 0.5
+    min_interval_seconds = UPDATE_EVERY_SECONDS
 
     def __init__(
         self,
@@ -205,9 +201,9 @@ class WidgetReporter:
 
     # -- Reporter -------------------------------------------------------------------------------
     def update(self, snapshot: ProgressSnapshot) -> None:
-        """Show the latest numbers, at most every `min_interval` seconds."""
+        """Show the latest numbers, at most every `min_interval_seconds`."""
         now = self._clock()
-        if self._last is not None and now - self._last < self.min_interval:
+        if self._last is not None and now - self._last < self.min_interval_seconds:
             self.snapshot = snapshot
             return
         self._last = now
@@ -229,7 +225,7 @@ class WidgetReporter:
         self.failure = _failure_text(exc)
         if self.snapshot is None:  # it failed before the launcher showed anything (e.g. StoreBusy)
             self.closed = True
-            title = f"<b>nbbatch</b> <span style='color:{_COLORS['failed']}'>failed to start</span>"
+            title = f"<b>nbbatch</b> <span style='color:{status_color(Status.FAILED)}'>failed to start</span>"
             self.handle.update(_html(f"<div>{title}{errors_html((), [], self.failure)}</div>"))
             self.box.close()
         elif self.closed:
@@ -255,14 +251,14 @@ class WidgetReporter:
         w = self._w
         self.snapshot = s
         self.renders += 1
-        color = _COLORS.get(s.status, "#555")
+        color = status_color(s.status)
         self.title.value = (
             f"<b>nbbatch</b> run <code>{_esc(s.run_name)}</code> "
             f"<span style='color:{color};font-weight:bold'>{_esc(s.status)}</span> · {s.rows:,} samples"
             + (f" · <i>{_esc(s.activity)}…</i>" if s.activity else "")
         )
-        self.bar.value = fraction(s)
-        self.bar.bar_style = _BAR_STYLES.get(s.status, "")
+        self.bar.value = s.fraction
+        self.bar.style.bar_color = color
         self.label.value = f"&nbsp;{_esc(counts_text(s))}"
         if len(self._worker_rows) != len(s.workers):
             self._worker_rows = [
@@ -271,8 +267,8 @@ class WidgetReporter:
             ]
             self.workers.children = [w.HBox([bar, label]) for bar, label in self._worker_rows]
         for (bar, label), worker in zip(self._worker_rows, s.workers):
-            bar.value = 1.0 if worker.total == 0 else min(1.0, (worker.done + worker.failed) / worker.total)
-            bar.bar_style = "danger" if worker.failed else _BAR_STYLES.get(worker.status, "")
+            bar.value = worker.fraction
+            bar.style.bar_color = status_color(Status.FAILED if worker.failed else worker.status)
             label.value = f"<span style='font-size:85%'>&nbsp;{_esc(_worker_line(worker))}</span>"
         self.metrics.value = metrics_html(s.metrics)
         self._refresh_tracebacks(s)
@@ -296,15 +292,12 @@ def _html(text: str) -> Any:
 def widget_reporter(store: str | None = None) -> Reporter:
     """The ipywidgets display under a Jupyter kernel, else `terminal_reporter()`.
 
+    Both `torch_batch_process` (``progress=True``) and ``%batchprocess`` get their display here.
+
     Args:
-        store: the run's store, to show remote tracebacks of recorded errors.
+        store: the run's store, to show the remote tracebacks of recorded errors (looked up by
+            the run id each snapshot carries); without it errors show as one line each.
     """
-    try:
-        import ipywidgets  # noqa: F401
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - both are dependencies
-        return terminal_reporter()
-    shell = get_ipython()
-    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":
+    if not in_jupyter():
         return terminal_reporter()
     return WidgetReporter(tracebacks=store_tracebacks(store) if store else None)

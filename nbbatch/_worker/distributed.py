@@ -4,7 +4,7 @@ Under torchrun every process is one worker and rank 0 writes the store. Other ra
 events in a `PeerSink` and ship them to rank 0 at each checkpoint (``gather_object`` on a gloo
 group, a collective point every rank reaches). Between checkpoints a `PeerWatcher` thread puts the
 rank's counters into torch.distributed's own key-value store (the c10d TCPStore torchrun already
-runs) every half second, so rank 0 can show live progress. A fatal error goes into that store at
+runs) every `POLL_SECONDS`, so rank 0 can show live progress. A fatal error goes into that store at
 once: every rank's watcher sees it within a poll, unwinds at its next event, and leaves the process
 after a grace period if a collective keeps it stuck, so no rank hangs.
 Must not import DuckDB, ``_store``, ``_launch`` or ``_ui``.
@@ -18,22 +18,17 @@ import pickle
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nbbatch._events import (
-    BatchDone,
-    BatchFailed,
-    BatchStarted,
-    Event,
-    WorkerFinished,
-    WorkerReady,
-)
+from nbbatch._events import BatchFailed, Event
 from nbbatch._worker.collective import Coordinator
+from nbbatch._worker.tally import Current, Tally, WorkerStatus
 
 __all__ = [
     "ABORT_GRACE_SECONDS",
+    "EXIT_ABORTED",
+    "POLL_SECONDS",
     "Channel",
     "Counters",
     "PeerSink",
@@ -43,9 +38,16 @@ __all__ = [
     "join_group",
 ]
 
+#: How often a rank publishes its counters and looks for other ranks' errors (rank 0's flusher too).
 POLL_SECONDS = 0.5
+#: How long a rank that learnt of another rank's failure may stay stuck before it leaves (``$NBBATCH_ABORT_GRACE``).
 ABORT_GRACE_SECONDS = float(os.environ.get("NBBATCH_ABORT_GRACE", "10"))
+#: How often `Channel.wait_ack` looks for rank 0's acknowledgement.
+ACK_POLL_SECONDS = 0.05
+#: How long ranks wait for each other in a collective of our groups.
 GROUP_TIMEOUT = dt.timedelta(minutes=30)
+#: The exit code of a rank that `exit_later` ends.
+EXIT_ABORTED = 1
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,18 @@ class Counters:
     done: int
     rows: int
     failed: int
-    current: tuple[int, int, float] | None
-    status: str
+    current: Current | None
+    status: WorkerStatus
     t: float
+
+    @classmethod
+    def of(cls, seq: int, tally: Tally, t: float) -> Counters:
+        """The snapshot of ``tally`` numbered ``seq`` and taken at ``t``."""
+        return cls(seq, tally.done, tally.rows, tally.failed, tally.current, tally.status, t)
+
+    def tally(self) -> Tally:
+        """The totals, as the `Tally` rank 0 keeps for this rank."""
+        return Tally(self.done, self.rows, self.failed, self.current, self.status)
 
 
 class RemoteFailure(Exception):
@@ -162,7 +173,7 @@ class Channel:
                         return True
             except Exception:  # the store went away with its host
                 return False
-            time.sleep(0.05)
+            time.sleep(ACK_POLL_SECONDS)
         return False
 
 
@@ -181,29 +192,19 @@ class PeerSink:
         self.abort: BatchFailed | None = None
         self._lock = threading.Lock()
         self._seq = 0
-        self._done = self._rows = self._failed = 0
-        self._current: tuple[int, int, float] | None = None
-        self._status = "starting"
+        self._tally = Tally()
 
     def emit(self, event: Event) -> None:
+        """Buffer ``event`` and count it; a fatal error of ours is published at once.
+
+        Raises:
+            RemoteFailure: another rank failed fatally (and we have not): leave the batch loop.
+        """
         if self.abort is not None and self.fatal is None:
             raise RemoteFailure(self.abort)
         with self._lock:
             self._seq += 1
-            if isinstance(event, BatchStarted):
-                self._current = (event.global_batch, event.batch_idx, event.t)
-                self._status = "running"
-            elif isinstance(event, BatchDone):
-                self._current = None
-                self._done += 1
-                self._rows += event.rows
-            elif isinstance(event, BatchFailed):
-                self._current = None
-                self._failed += 1 if event.global_batch is not None else 0
-            elif isinstance(event, WorkerReady):
-                self._status = "running"
-            elif isinstance(event, WorkerFinished):
-                self._status = event.status
+            self._tally.count(event)
             self.events.append(event)
         if isinstance(event, BatchFailed) and event.fatal and self.fatal is None:
             self.fatal = event
@@ -213,7 +214,7 @@ class PeerSink:
     def counters(self) -> Counters:
         """A consistent snapshot of this rank's totals."""
         with self._lock:
-            return Counters(self._seq, self._done, self._rows, self._failed, self._current, self._status, time.time())
+            return Counters.of(self._seq, self._tally, time.time())
 
     def flush(self, coordinator: Coordinator) -> None:
         """Ship everything since the last checkpoint to rank 0 (a collective: every rank calls it)."""
@@ -240,6 +241,7 @@ class PeerWatcher:
         return self
 
     def _run(self) -> None:
+        """Every ``poll`` seconds until ``finished``: publish, then look for other ranks' errors."""
         while not self.finished.wait(self.poll):
             try:
                 self.channel.publish_progress(self.rank, self.sink.counters())
@@ -252,8 +254,8 @@ class PeerWatcher:
                 return
 
 
-def exit_later(finished: threading.Event, grace: float, before_exit: Callable[[], None] | None = None) -> None:
-    """Leave the process with code 1 if the run has not finished ``grace`` seconds from now.
+def exit_later(finished: threading.Event, grace: float) -> None:
+    """Leave the process with `EXIT_ABORTED` if the run has not finished ``grace`` seconds from now.
 
     The main thread may be stuck in a collective that waits for a rank that will never come; the
     failure is already recorded, so ending the process is the only way not to hang.
@@ -262,14 +264,9 @@ def exit_later(finished: threading.Event, grace: float, before_exit: Callable[[]
     def _later() -> None:
         if finished.wait(grace):
             return
-        if before_exit is not None:
-            try:
-                before_exit()
-            except Exception:
-                pass
         sys.stderr.write(f"nbbatch: another rank failed and this rank did not stop within {grace:.0f}s; exiting\n")
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(EXIT_ABORTED)
 
     threading.Thread(target=_later, daemon=True, name="nbbatch-exit-later").start()

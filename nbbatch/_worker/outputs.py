@@ -1,5 +1,8 @@
 """Turning a ``process_batch`` return value into per-sample columns (numpy or lists).
 
+Whether the columns pickle is checked once, where the batch is sent (``loop``): `check_picklable`
+for a sink that does not pickle at once, `unpicklable` to name the column when a pipe's pickling failed.
+
 Must not import DuckDB or other nbbatch layers; runs inside workers.
 """
 
@@ -12,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RESERVED", "KeyCase", "OutputError", "to_columns"]
+__all__ = ["RESERVED", "KeyCase", "OutputError", "check_picklable", "to_columns", "unpicklable"]
 
 RESERVED = frozenset({"run_id", "rank", "batch_idx", "global_batch", "sample_index"})
 
@@ -37,7 +40,6 @@ def _column(name: str, value: Any, rows: int) -> Any:
     elif isinstance(value, (list, tuple)):
         value = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for v in value]
         length = len(value)
-        _picklable(name, value)
     else:
         raise OutputError(
             f"output {name!r} has type {type(value).__name__}; return a tensor, numpy array or list "
@@ -48,21 +50,46 @@ def _column(name: str, value: Any, rows: int) -> Any:
             f"output {name!r} has {length} entries but the batch holds {rows} samples; return one entry "
             f"per sample (first dimension = batch length)"
         )
-    if isinstance(value, np.ndarray) and value.dtype.kind == "O":
-        _picklable(name, value)
     return value
 
 
-def _picklable(name: str, value: Any) -> None:
-    """Values go to the launcher by pickle; find out inside the batch, where the error is the batch's."""
+def _may_hold_objects(value: Any) -> bool:
+    """Whether a column can hold arbitrary Python objects (numeric arrays always pickle)."""
+    return not isinstance(value, np.ndarray) or value.dtype.kind == "O"
+
+
+def _not_picklable(name: str, exc: BaseException) -> OutputError:
+    return OutputError(
+        f"output {name!r} holds a value that cannot be pickled ({type(exc).__name__}: {exc}); outputs "
+        f"are sent to the launcher and stored in DuckDB, so return numbers, strings, arrays or tensors "
+        f"(convert objects with e.g. `str(x)` or `x.tolist()`)"
+    )
+
+
+def check_picklable(columns: dict[str, Any]) -> None:
+    """Raise `OutputError` naming the first column of ``columns`` that does not pickle.
+
+    Values go to the launcher by pickle (or into a segment): found out inside the batch, the error
+    is the batch's, not the run's.
+    """
+    for name, value in columns.items():
+        if _may_hold_objects(value):
+            try:
+                pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                raise _not_picklable(name, exc) from exc
+
+
+def unpicklable(columns: dict[str, Any] | None, exc: BaseException) -> OutputError:
+    """The batch's error after pickling its event failed with ``exc``: names the column when one is at fault."""
     try:
-        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise OutputError(
-            f"output {name!r} holds a value that cannot be pickled ({type(exc).__name__}: {exc}); outputs "
-            f"are sent to the launcher and stored in DuckDB, so return numbers, strings, arrays or tensors "
-            f"(convert objects with e.g. `str(x)` or `x.tolist()`)"
-        ) from exc
+        check_picklable(columns or {})
+    except OutputError as found:
+        return found
+    return OutputError(
+        f"the metrics reported in this batch cannot be pickled ({type(exc).__name__}: {exc}); pass numbers, "
+        f"strings or tensors to `context.report_metrics`"
+    )
 
 
 class KeyCase:

@@ -33,6 +33,8 @@ __all__ = ["SegmentFailed", "Segments", "batch_bytes", "settings"]
 
 #: Segments written but not yet reported; sealing another one waits (bounds memory when the disk lags).
 MAX_IN_FLIGHT = 2
+#: What `batch_bytes` counts per entry of a list column (a rough guess: a pointer and a small object).
+LIST_ENTRY_BYTES = 16
 
 
 class SegmentFailed(Exception):
@@ -62,7 +64,7 @@ def batch_bytes(columns: dict[str, Any]) -> int:
     """About how many bytes a batch's columns hold (numpy arrays exactly, lists by a rough guess)."""
     total = 0
     for values in columns.values():
-        total += int(values.nbytes) if hasattr(values, "nbytes") else 16 * len(values)
+        total += int(values.nbytes) if hasattr(values, "nbytes") else LIST_ENTRY_BYTES * len(values)
     return total
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Sum
 
 import nbbatch
-from nbbatch import InvalidArgument, InvalidDataset, MetricReducer, TorchBatchProcessor, torch_batch_process
+from nbbatch import InvalidArgument, InvalidDataset, TorchBatchProcessor, torch_batch_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -145,26 +146,9 @@ def test_checkpoint_interval_counts_absolute_batches(tmp_path) -> None:
     assert lifecycle(r, "checkpoint") == {0: 4}
 
 
-class SumReducer(MetricReducer):
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sum = 0
-
-    def update(self, value: int) -> None:
-        self.sum += value
-
-    def per_slot_reduce(self) -> int:
-        return self.sum
-
-    def cross_slot_reduce(self, per_slot_metrics: list[int]) -> int:
-        return sum(per_slot_metrics)
-
-
 class ReducingProcessor(TorchBatchProcessor):
     def __init__(self, context: Any) -> None:
-        self.sum = context.wrap_reducer(SumReducer(), name="sum_metric")
+        self.sum = context.wrap_reducer(Sum(), name="sum_metric")
         self.order = context.wrap_reducer(lambda values: {"values": values, "sum": sum(values)})
 
     def process_batch(self, batch: Any, batch_idx: int) -> None:

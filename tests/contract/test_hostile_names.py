@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
-import sys
 import threading
-import time
 from typing import Any
 
 import duckdb
 import pytest
 import torch
-from helpers import poll
+from helpers import SCRIPTS, committed, nbbatch_cli, poll
 
 import nbbatch
 from nbbatch import InvalidArgument, InvalidRunName, TorchBatchProcessor, WorkerFailed, torch_batch_process
 from nbbatch._store import columns as store_columns
-from nbbatch._store import reader, writer
+from nbbatch._store import flush, reader
 from nbbatch._store.sql import ident
 from nbbatch._ui.dashboard import control, queries
 
@@ -40,14 +37,6 @@ def go(tmp_path: pathlib.Path, cls: type, **kwargs: Any) -> nbbatch.Run:
     return torch_batch_process(cls, list(range(N)), **options)
 
 
-def committed(store: str, name: str) -> int:
-    try:
-        with reader.reading(store) as con:
-            return int(reader.run_summary(con, name)["committed_batches"])
-    except (nbbatch.StoreError, KeyError):
-        return 0
-
-
 class Hostile(TorchBatchProcessor):
     """``x`` always; the hostile keys from batch ``start`` on, once the batches before it are committed
     (so with ``start > 0`` they reach the store in a later flush, through ``ALTER TABLE``)."""
@@ -61,9 +50,7 @@ class Hostile(TorchBatchProcessor):
         out: dict[str, Any] = {"x": batch * 10}
         if batch_idx == self.start and self.start:
             store, name = os.environ["NBBATCH_TEST_STORE"], os.environ["NBBATCH_TEST_NAME"]
-            deadline = time.monotonic() + 60
-            while committed(store, name) < self.start and time.monotonic() < deadline:
-                time.sleep(0.02)
+            poll(lambda: committed(store, name) >= self.start, 60, f"the {self.start} batches before it to commit")
         if batch_idx >= self.start:
             out[DROP] = batch * 2
             out[QUOTE] = [f"v{int(b)}" for b in batch]
@@ -99,8 +86,7 @@ def check_hostile_columns(run: nbbatch.Run, store: pathlib.Path, tmp_path: pathl
     df = run.outputs().df()
     assert df[DROP].isna().sum() == first
     parquet = tmp_path / "out.parquet"
-    done = subprocess.run([sys.executable, "-m", "nbbatch", "export", run.name, "--to", str(parquet), "--store",
-                           str(store)], capture_output=True, text=True, timeout=90)
+    done = nbbatch_cli("export", run.name, "--to", str(parquet), "--store", str(store), timeout=90)
     assert done.returncode == 0, done.stderr
     exported = duckdb.sql(f"SELECT * FROM read_parquet('{parquet}') ORDER BY sample_index")
     assert exported.columns[-3:] == ["x", DROP, QUOTE] and len(exported.fetchall()) == N
@@ -112,13 +98,13 @@ def check_hostile_columns(run: nbbatch.Run, store: pathlib.Path, tmp_path: pathl
 def table_before_each_flush(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     """The outputs table's columns as each flush found them (the launcher writes in this process)."""
     seen: list[tuple[str, ...]] = []
-    insert = writer.insert_outputs
+    insert = flush.insert_outputs
 
     def recording(con: Any, run_id: str, data: Any) -> None:
         seen.append(store_columns.output_columns(con, run_id))
         insert(con, run_id, data)
 
-    monkeypatch.setattr(writer, "insert_outputs", recording)
+    monkeypatch.setattr(flush, "insert_outputs", recording)
     return seen
 
 
@@ -248,10 +234,9 @@ def test_unsafe_run_names_are_refused_before_anything_runs(tmp_path: pathlib.Pat
 
 
 def test_cli_refuses_an_unsafe_name_with_exit_2(tmp_path: pathlib.Path) -> None:
-    procs = pathlib.Path(__file__).resolve().parents[1] / "integration" / "scripts" / "procs.py"
-    done = subprocess.run([sys.executable, "-m", "nbbatch", "run", f"{procs}:Double", "--dataset", f"{procs}:numbers",
-                           "--name", "../escape", "--store", str(tmp_path / "s.duckdb")],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    procs = SCRIPTS / "procs.py"
+    done = nbbatch_cli("run", f"{procs}:Double", "--dataset", f"{procs}:numbers", "--name", "../escape", "--store",
+                       str(tmp_path / "s.duckdb"), cwd=tmp_path, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "Invalid value for '--name'" in done.stderr and "not starting with `-` or `.`" in done.stderr
     assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
@@ -310,10 +295,9 @@ def test_dashboard_resume_of_a_run_named_like_an_option(tmp_path: pathlib.Path) 
     (tmp_path / "flaky.py").write_text(DASHBOARD_PROCS)
     (tmp_path / "fail").write_text("")
     store = str(tmp_path / "s.duckdb")
-    first = subprocess.run([sys.executable, "-m", "nbbatch", "run", f"{tmp_path}/flaky.py:Flaky", "--dataset",
-                            f"{tmp_path}/flaky.py:numbers", "--batch-size", "4", "--checkpoint-interval", "1",
-                            "--processes", "1", "--name", "flaky", "--store", store, "--no-progress"],
-                           capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    first = nbbatch_cli("run", f"{tmp_path}/flaky.py:Flaky", "--dataset", f"{tmp_path}/flaky.py:numbers", "--batch-size",
+                        "4", "--checkpoint-interval", "1", "--processes", "1", "--name", "flaky", "--store", store,
+                        "--no-progress", cwd=tmp_path, timeout=90)
     assert first.returncode == 1, first.stderr
     (tmp_path / "fail").unlink()
     with duckdb.connect(store) as con:

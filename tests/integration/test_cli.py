@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import duckdb
 import pytest
+from helpers import SCRIPTS, committed, nbbatch_cli, poll, summary
 
-from nbbatch._errors import StoreError
 from nbbatch._store import reader
 
-SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 PROCS = SCRIPTS / "procs.py"
-
-
-def nbbatch(*args: str, cwd: pathlib.Path, env: dict[str, str] | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nbbatch", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def summary(store: pathlib.Path, name: str) -> dict[str, object] | None:
-    """The run's row, read-only, or None while the store cannot be read yet."""
-    try:
-        with reader.reading(str(store)) as con:
-            return reader.run_summary(con, name)
-    except (StoreError, KeyError):
-        return None
+nbbatch = functools.partial(nbbatch_cli, timeout=90)
 
 
 @pytest.mark.timeout(60)
@@ -99,13 +83,13 @@ def test_sigterm_preempts_and_resume_completes_exactly_once(tmp_path: pathlib.Pa
         env={**os.environ, "NBBATCH_TEST_SLEEP": "0.1"},
     )
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            s = summary(store, "long")
-            if s is not None and s["committed_batches"] >= 4:  # type: ignore[operator]
-                break
+        def four_committed() -> bool:
+            if committed(store, "long") >= 4:
+                return True
             assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
+            return False
+
+        poll(four_committed, 90, "4 committed batches", every=0.2)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:

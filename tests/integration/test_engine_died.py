@@ -17,57 +17,22 @@ import psutil
 import pytest
 
 import nbbatch
-from nbbatch import MetricReducer, TorchBatchProcessor, WorkerDied, torch_batch_process
+from nbbatch import WorkerDied, torch_batch_process
 
 pytestmark = pytest.mark.timeout(150)
 
 N, BS, KILL_AT = 40, 2, 13  # sample 13: global batch 6 -> rank 0, batch_idx 3 with 2 workers
 
 
-class Sum(MetricReducer):
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.total = 0
-
-    def update(self, value: int) -> None:
-        self.total += value
-
-    def per_slot_reduce(self) -> int:
-        return self.total
-
-    def cross_slot_reduce(self, per_slot_metrics: list[int]) -> int:
-        return sum(per_slot_metrics)
-
-
-class DiesOnce(TorchBatchProcessor):
+class DiesOnce(helpers.Summing):
     """SIGKILLs its own process on the batch holding sample $NBBATCH_TEST_KILL_AT (unset: never)."""
-
-    def __init__(self, context: Any) -> None:
-        self.sum = context.wrap_reducer(Sum(), name="sum")
-        self.order = context.wrap_reducer(lambda values: values, name="order")
 
     def process_batch(self, batch: Any, batch_idx: int) -> Any:
         time.sleep(0.02)
         if int(os.environ.get("NBBATCH_TEST_KILL_AT", "-1")) in batch.tolist():
             os.kill(os.getpid(), signal.SIGKILL)
-        self.sum.update(int(batch.sum()))
-        for value in batch.tolist():
-            self.order.update(value)
+        self.reduce(batch)
         return {"value": batch * 7}
-
-
-def worker_processes() -> list[psutil.Process]:
-    """This process's multiprocessing workers: children of its forkserver (which itself may stay)."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "multiprocessing.forkserver" in " ".join(child.parent().cmdline()):
-                found.append(child)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
-            continue
-    return found
 
 
 def go(store: str, workers: int, **kwargs: Any) -> nbbatch.Run:
@@ -91,10 +56,7 @@ def test_killed_worker_fails_the_run_and_resume_completes(
     assert err.indices == [12, 13]
     assert "killed by SIGKILL" in str(err) and "run_name='oom'" in str(err)
 
-    deadline = time.monotonic() + 15
-    while worker_processes() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert worker_processes() == [], "the surviving worker must be stopped too"
+    helpers.poll(lambda: helpers.worker_processes() == [], 15, "the surviving worker to be stopped too", every=0.1)
 
     run = nbbatch.open_run("oom", store=store)
     assert run.status == "failed" and "SIGKILL" in (run.error or "")
@@ -124,14 +86,11 @@ def test_killed_launcher_takes_its_workers_and_forkserver_along(tmp_path: pathli
 
     def running() -> list[psutil.Process]:
         procs = helpers.tagged(tag)
-        workers = [p for p in procs if p.pid != job.pid and "forkserver" in " ".join(p.cmdline())]
-        return procs if len(workers) >= 3 else []  # the forkserver and both workers
+        # Both workers, under the server they start from (a zygote or the forkserver).
+        return procs if len(helpers.worker_processes(job.pid)) >= 2 else []
 
     def committed() -> bool:
-        try:
-            return bool(nbbatch.open_run("killed", store=str(store)).counts["committed_batches"]) and bool(running())
-        except (nbbatch.RunNotFound, nbbatch.StoreError):
-            return False
+        return bool(helpers.committed(store, "killed")) and bool(running())
 
     try:
         helpers.poll(committed, 90, "the run to commit")

@@ -4,8 +4,6 @@ on a real (tiny tmpfs) disk."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import pathlib
 import subprocess
@@ -15,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_disk
+from helpers import fill, tiny_disk
 
 import nbbatch
 from nbbatch import StoreError, TorchBatchProcessor, torch_batch_process
@@ -37,21 +35,6 @@ class Wide(TorchBatchProcessor):
             fill(ballast)
         self.total.update(int(batch.sum()))
         return {"vector": batch.float()[:, None] + torch.arange(64, dtype=torch.float32)}
-
-
-def fill(path: str) -> None:
-    """Write zeros to `path` until the disk is full, as any other program on the machine might."""
-    chunk = b"\0" * 65536
-    with open(path, "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(chunk)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-    with contextlib.suppress(OSError), open(path, "ab", buffering=0) as handle:
-        while True:  # the last few bytes too
-            handle.write(b"\0" * 512)
 
 
 def go(store: pathlib.Path) -> nbbatch.Run:

@@ -18,11 +18,10 @@ import time
 from typing import Any
 
 import helpers
-import psutil
 import pytest
 
 import nbbatch
-from nbbatch import MetricReducer, TorchBatchProcessor, torch_batch_process
+from nbbatch import torch_batch_process
 from nbbatch._progress import PlainReporter, ProgressSnapshot
 from nbbatch._ui.widgets import WidgetReporter
 
@@ -31,37 +30,16 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 N, BS, INTERVAL = 120, 2, 3
 
 
-class Sum(MetricReducer):
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.total = 0
-
-    def update(self, value: int) -> None:
-        self.total += value
-
-    def per_slot_reduce(self) -> int:
-        return self.total
-
-    def cross_slot_reduce(self, per_slot_metrics: list[int]) -> int:
-        return sum(per_slot_metrics)
-
-
-class Slow(TorchBatchProcessor):
+class Slow(helpers.Summing):
     """Sleeps $NBBATCH_TEST_SLEEP per batch; reduces a sum and the global order; reports on_finish."""
 
     def __init__(self, context: Any) -> None:
-        self.context = context
-        self.sum = context.wrap_reducer(Sum(), name="sum")
-        self.order = context.wrap_reducer(lambda values: values, name="order")
+        super().__init__(context)
         self.sleep = float(os.environ.get("NBBATCH_TEST_SLEEP", "0"))
 
     def process_batch(self, batch: Any, batch_idx: int) -> Any:
         time.sleep(self.sleep)
-        self.sum.update(int(batch.sum()))
-        for value in batch.tolist():
-            self.order.update(value)
+        self.reduce(batch)
         return {"value": batch * 10}
 
     def on_finish(self) -> None:
@@ -73,21 +51,15 @@ def go(store: pathlib.Path, workers: int, name: str) -> nbbatch.Run:
                                checkpoint_interval=INTERVAL, store=str(store), run_name=name, progress=False)
 
 
-def stop_when_committed(store: pathlib.Path, name: str, at_least: int, deadline: float) -> threading.Thread:
+def stop_when_committed(store: pathlib.Path, name: str, at_least: int, timeout: float) -> threading.Thread:
     """Call `Run.stop()` from another thread once `at_least` batches are committed."""
     seen: list[BaseException] = []
 
     def body() -> None:
         try:
-            while time.monotonic() < deadline:
-                try:
-                    run = nbbatch.open_run(name, store=str(store))
-                    if run.counts["committed_batches"] >= at_least:
-                        run.stop()
-                        return
-                except (nbbatch.RunNotFound, nbbatch.StoreError):
-                    pass  # the run row is not there yet
-                time.sleep(0.05)
+            helpers.poll(lambda: helpers.committed(store, name) >= at_least, timeout,
+                         f"{at_least} committed batches of run {name!r}", every=0.05)
+            nbbatch.open_run(name, store=str(store)).stop()
         except BaseException as exc:  # surfaced by the test below
             seen.append(exc)
 
@@ -108,7 +80,7 @@ def test_stop_preempts_then_resume_matches_a_clean_run(
 ) -> None:
     store = tmp_path / "s.duckdb"
     monkeypatch.setenv("NBBATCH_TEST_SLEEP", "0.05")
-    stopper = stop_when_committed(store, "p", at_least=2 * INTERVAL, deadline=time.monotonic() + 120)
+    stopper = stop_when_committed(store, "p", at_least=2 * INTERVAL, timeout=120)
     run = go(store, workers, "p")
     stopper.join(10)
     assert not stopper.seen, stopper.seen  # type: ignore[attr-defined]
@@ -163,13 +135,6 @@ def start_job(store: pathlib.Path, name: str, tag: str, sleep: float, samples: i
                             start_new_session=True)
 
 
-def committed(store: pathlib.Path, name: str) -> int:
-    try:
-        return int(nbbatch.open_run(name, store=str(store)).counts["committed_batches"])
-    except (nbbatch.RunNotFound, nbbatch.StoreError):
-        return 0
-
-
 @pytest.mark.parametrize("target", ["group", "every-process", "every-process-dataloader-workers"])
 def test_sigterm_preempts_commits_and_leaves_nothing(tmp_path: pathlib.Path, target: str) -> None:
     """`kill -TERM -PGID`, or SIGTERM to the launcher, forkserver and every worker (SLURM, containers),
@@ -178,13 +143,15 @@ def test_sigterm_preempts_commits_and_leaves_nothing(tmp_path: pathlib.Path, tar
     loader_workers = 2 if target.endswith("dataloader-workers") else 0
     job = start_job(store, "term", tag, sleep=0.1, loader_workers=loader_workers)
     try:
-        helpers.poll(lambda: committed(store, "term") >= 4, 90, "the first commits")
+        helpers.poll(lambda: helpers.committed(store, "term") >= 4, 90, "the first commits")
         processes = helpers.tagged(tag)
-        assert any("forkserver" in " ".join(p.cmdline()) for p in processes), helpers.describe(processes)
+        # The server workers start from (a zygote or the forkserver): the job's child with children.
+        servers = {p.pid for p in processes if p.ppid() == job.pid and any(q.ppid() == p.pid for q in processes)}
+        assert servers, helpers.describe(processes)
         if loader_workers:  # each of the 2 workers has its DataLoader's processes, and all get the SIGTERM
-            pids = {p.pid for p in processes}
-            workers = [p for p in processes if "__main__" in " ".join(p.cmdline()) and p.ppid() in pids]
-            loaders = [p for p in processes if p.ppid() in {w.pid for w in workers}]
+            workers = [p for p in processes if p.ppid() in servers]
+            # The leaves under each worker (its DataLoader may start them from a forkserver of its own).
+            loaders = [c for w in workers for c in w.children(recursive=True) if not c.children()]
             assert len(loaders) == 2 * loader_workers, helpers.describe(processes)
         if target == "group":
             os.killpg(job.pid, signal.SIGTERM)

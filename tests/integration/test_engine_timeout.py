@@ -8,8 +8,8 @@ import pathlib
 import time
 from typing import Any
 
-import psutil
 import pytest
+from helpers import poll, worker_processes
 
 import nbbatch
 from nbbatch import TorchBatchProcessor, WorkerFailed, torch_batch_process
@@ -32,18 +32,6 @@ class HangsOnce(TorchBatchProcessor):
         return {"value": batch + 100}
 
 
-def worker_processes() -> list[psutil.Process]:
-    """This process's multiprocessing workers: children of its forkserver (which itself may stay)."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "multiprocessing.forkserver" in " ".join(child.parent().cmdline()):
-                found.append(child)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
-            continue
-    return found
-
-
 def test_hung_batch_fails_the_run_then_resume_completes(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = str(tmp_path / "s.duckdb")
     monkeypatch.delenv("NBBATCH_TEST_FIXED", raising=False)
@@ -60,10 +48,7 @@ def test_hung_batch_fails_the_run_then_resume_completes(tmp_path: pathlib.Path, 
     assert "run_name='hang'" in text, "the message says how to resume"
 
     # No worker survives the failure (the forkserver and resource tracker may stay).
-    deadline = time.monotonic() + 15
-    while worker_processes() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert worker_processes() == []
+    poll(lambda: worker_processes() == [], 15, "every worker to be stopped", every=0.1)
 
     run = nbbatch.open_run("hang", store=store)
     assert run.status == "failed" and "batch_timeout" in (run.error or "")

@@ -12,9 +12,9 @@ import subprocess
 import sys
 import time
 
-import duckdb
 import psutil
 import pytest
+from helpers import committed, poll, worker_processes
 
 import nbbatch
 
@@ -30,28 +30,6 @@ def start(store: pathlib.Path, n: int, bs: int, workers: int, interval: int, sle
     )
 
 
-def committed(store: pathlib.Path) -> int:
-    try:
-        con = duckdb.connect(str(store), read_only=True)
-    except duckdb.Error:
-        return 0
-    try:
-        return int(con.execute("SELECT count(*) FROM batches").fetchone()[0])
-    except duckdb.Error:
-        return 0
-    finally:
-        con.close()
-
-
-def workers_of(proc: subprocess.Popen[str]) -> list[psutil.Process]:
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    # Workers are the forkserver's children; the forkserver and resource tracker are direct children.
-    return [k for k in kids if k.ppid() != proc.pid]
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_killed_then_resumed_run_stores_every_sample_once(tmp_path: pathlib.Path, seed: int) -> None:
     rng = random.Random(seed)
@@ -60,19 +38,18 @@ def test_killed_then_resumed_run_stores_every_sample_once(tmp_path: pathlib.Path
     mode = ["kill-worker", "term-launcher", "kill-launcher", "kill-worker"][seed - 1]
     store = tmp_path / "s.duckdb"
     proc = start(store, n, bs, workers, interval, 0.1)
-    deadline = time.monotonic() + 90
     target = rng.randint(1, max(1, (n // bs) // 4))
-    while committed(store) < target and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    poll(lambda: committed(store, "job") >= target or proc.poll() is not None, 90, f"{target} committed batches",
+         every=0.1)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     if mode == "kill-worker":
-        victims = workers_of(proc)
+        victims = worker_processes(proc.pid)
         assert victims, "no worker to kill"
         os.kill(rng.choice(victims).pid, signal.SIGKILL)
     elif mode == "term-launcher":
         proc.send_signal(signal.SIGTERM)
     else:
-        kids = workers_of(proc)
+        kids = worker_processes(proc.pid)
         proc.kill()
         # Workers notice their launcher is gone (control pipe) and exit: no orphans.
         gone, alive = psutil.wait_procs(kids, timeout=15)
@@ -102,10 +79,8 @@ def test_killed_then_resumed_run_stores_every_sample_once(tmp_path: pathlib.Path
 def test_killed_worker_is_reported_fast_and_leaves_no_orphans(tmp_path: pathlib.Path) -> None:
     store = tmp_path / "s.duckdb"
     proc = start(store, 400, 2, 2, 2, 0.05)
-    deadline = time.monotonic() + 60
-    while committed(store) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    victims = workers_of(proc)
+    poll(lambda: committed(store, "job") >= 2, 60, "2 committed batches", every=0.1)
+    victims = worker_processes(proc.pid)
     assert len(victims) == 2
     os.kill(victims[0].pid, signal.SIGKILL)
     killed_at = time.monotonic()

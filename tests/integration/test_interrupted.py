@@ -24,7 +24,18 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `helpers`, also without tests/conftest.py
-from helpers import SCRIPTS, TAG, check_exactly_once, describe, kill_tagged, leftovers, new_tag, poll, tagged  # noqa: E402
+from helpers import (  # noqa: E402
+    SCRIPTS,
+    TAG,
+    check_exactly_once,
+    describe,
+    kill_tagged,
+    leftovers,
+    nbbatch_cli,
+    new_tag,
+    poll,
+    tagged,
+)
 
 import nbbatch  # noqa: E402
 
@@ -84,10 +95,6 @@ def committed(store: pathlib.Path, name: str) -> int:
         return 0  # the store or the run row is not there yet
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nbbatch", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("how", ["cli", "script", "torchrun"])
 def test_a_killed_launcher_reads_interrupted_and_resumes_exactly_once(how: str, tmp_path: pathlib.Path) -> None:
     store, name, tag = tmp_path / "s.duckdb", f"killed-{how}", new_tag()
@@ -129,9 +136,9 @@ def test_a_killed_launcher_reads_interrupted_and_resumes_exactly_once(how: str, 
     assert run.status == "interrupted" and [r.status for r in nbbatch.list_runs(store=str(store))] == ["interrupted"]
     assert "ended without marking the run" in (run.error or "")
     assert 4 <= run.counts["committed_batches"] < N // BS
-    listed = cli("runs", "--store", str(store))
+    listed = nbbatch_cli("runs", "--store", str(store))
     assert listed.returncode == 0 and any(line.split()[:2] == [name, "interrupted"] for line in listed.stdout.splitlines()), listed
-    shown = cli("show", name, "--store", str(store))
+    shown = nbbatch_cli("show", name, "--store", str(store))
     assert shown.returncode == 0, shown.stderr
     assert "status:" in shown.stdout and any(
         line.split() == ["status:", "interrupted"] for line in shown.stdout.splitlines()), shown.stdout

@@ -9,7 +9,6 @@ every sample exactly once and no uncommitted segment is read or left behind.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import pathlib
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import poll, tiny_disk
+from helpers import fill, nbbatch_cli, poll, tiny_disk
 
 import nbbatch
 from nbbatch import TorchBatchProcessor, WorkerFailed, torch_batch_process
@@ -33,16 +32,6 @@ pytestmark = pytest.mark.timeout(180)
 
 N, BS, WIDTH = 256, 16, 64
 F_SETPIPE_SZ = 1031  # Linux fcntl: a pipe's buffer size
-
-
-def fill(path: str) -> None:
-    """Write zeros to `path` until the disk is full, as any other program on the machine might."""
-    with open(path, "wb", buffering=0) as handle, contextlib.suppress(OSError):
-        while True:
-            handle.write(b"\0" * 4096)
-    with contextlib.suppress(OSError), open(path, "ab", buffering=0) as handle:
-        while True:  # the last few bytes too
-            handle.write(b"\0" * 512)
 
 
 class Wide(TorchBatchProcessor):
@@ -106,10 +95,8 @@ def test_outputs_read_back_through_the_view_and_export(tmp_path: pathlib.Path) -
     check(run)
     (total,) = run.sql("SELECT sum(rows) FROM segments WHERE run_id = $id", {"id": run.id}).fetchall()[0]
     assert total == N
-    cli = [sys.executable, "-m", "nbbatch"]
     out = tmp_path / "out.parquet"
-    done = subprocess.run([*cli, "export", "wide", "--store", str(tmp_path / "s.duckdb"), "--to", str(out)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = nbbatch_cli("export", "wide", "--store", str(tmp_path / "s.duckdb"), "--to", str(out), timeout=120)
     assert done.returncode == 0, done.stderr
     import duckdb
 
@@ -123,15 +110,15 @@ def test_compact_merges_segments_into_one_file_then_into_the_store(tmp_path: pat
     assert before > 1
     del run
     close_all()
-    cli = [sys.executable, "-m", "nbbatch", "compact", "wide", "--store", store]
-    done = subprocess.run(cli, capture_output=True, text=True, timeout=120, check=False)
+    compact = ["compact", "wide", "--store", store]
+    done = nbbatch_cli(*compact, timeout=120)
     assert done.returncode == 0 and f"merged {before} segments ({N} rows)" in done.stdout, done.stderr
     run = nbbatch.open_run("wide", store=store)
     check(run)
     assert run.sql("SELECT count(*) FROM segments WHERE run_id = $id", {"id": run.id}).fetchall()[0][0] == 1
     del run
     close_all()
-    done = subprocess.run([*cli, "--into-table"], capture_output=True, text=True, timeout=120, check=False)
+    done = nbbatch_cli(*compact, "--into-table", timeout=120)
     assert done.returncode == 0, done.stderr
     run = nbbatch.open_run("wide", store=store)
     assert [s for (s,) in run.outputs().project("sample_index").fetchall()] == list(range(N))

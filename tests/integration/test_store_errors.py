@@ -6,10 +6,10 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-import time
 from typing import Any
 
 import pytest
+from helpers import poll, summary
 
 import nbbatch
 from nbbatch import ResumeMismatch, StoreBusy, StoreError, TorchBatchProcessor, torch_batch_process
@@ -96,14 +96,11 @@ def test_second_live_run_from_another_process_is_refused(tmp_path: pathlib.Path)
     """))
     proc = subprocess.Popen([sys.executable, str(script), str(store)], stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # until the live run's row exists
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                nbbatch.open_run("slow", store=str(store))
-                break
-            except (nbbatch.RunNotFound, StoreError):
-                time.sleep(0.1)
+        def row_exists() -> bool:
+            assert proc.poll() is None, "the live run ended before its row could be read"
+            return summary(store, "slow") is not None
+
+        poll(row_exists, 60, "the live run's row", every=0.1)
         with pytest.raises(StoreBusy, match="in use by a live run .*'slow'"):
             go(store)
         # Reading the live store from here works and never breaks the run.

@@ -14,6 +14,8 @@ import sys
 
 import duckdb
 import pytest
+from helpers import SCRIPTS, nbbatch_cli  # helpers puts SCRIPTS on sys.path
+from table_procs import Score
 
 import nbbatch
 from nbbatch import ResumeMismatch, TableDataset, WorkerFailed, torch_batch_process
@@ -21,10 +23,7 @@ from nbbatch._store import inputs
 
 pytestmark = pytest.mark.timeout(180)
 
-SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 PROCS = SCRIPTS / "table_procs.py"
-sys.path.insert(0, str(SCRIPTS))
-from table_procs import Score  # noqa: E402
 
 
 def write_source(path: pathlib.Path, n: int = 50, offset: int = 0) -> str:
@@ -126,11 +125,6 @@ def test_missing_snapshot_is_a_clear_error(tmp_path: pathlib.Path) -> None:
 
 
 # -- CLI -------------------------------------------------------------------------------------------
-def nbbatch_cli(*args: str, cwd: pathlib.Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nbbatch", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
-
-
 def test_cli_table_run_export_and_resume(tmp_path: pathlib.Path) -> None:
     write_source(tmp_path / "in.parquet", n=40)
     store = str(tmp_path / "s.duckdb")

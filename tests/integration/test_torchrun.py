@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
+from helpers import free_port, poll
 
 from nbbatch._errors import StoreError
 from nbbatch._store import reader
@@ -23,12 +22,6 @@ pytestmark = pytest.mark.slow
 
 JOB = pathlib.Path(__file__).resolve().parent / "scripts" / "torchrun_job.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(launcher: list[str], store: pathlib.Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -57,13 +50,16 @@ def state(store: pathlib.Path, name: str) -> dict[str, Any] | None:
 def watch(procs: list[subprocess.Popen[str]], store: pathlib.Path, name: str, timeout: float = 150) -> list[dict[str, Any]]:
     """Poll the store until every process exits; returns the states seen while the run was running."""
     seen = []
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs):
-        assert time.monotonic() < deadline, "torchrun job did not finish (hang?)"
+
+    def ended() -> bool:
+        if all(p.poll() is not None for p in procs):
+            return True
         s = state(store, name)
         if s is not None and s["status"] == "running":
             seen.append(s)
-        time.sleep(0.2)
+        return False
+
+    poll(ended, timeout, "the torchrun job to finish (hang?)", every=0.2)
     return seen
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 import pytest
 import torch
+from helpers import free_port, nbbatch_cli, run_summary
 
 import nbbatch
 from nbbatch import MetricReducer, TorchBatchProcessor, torch_batch_process
@@ -43,11 +44,6 @@ def _own_secret(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("NBBATCH_TEST_FAIL_AT", raising=False)
 
 
-def nbbatch_cli(*args: str, cwd: pathlib.Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nbbatch", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
-
-
 def failed_cli_run(tmp_path: pathlib.Path, name: str, env: dict[str, str] | None = None) -> pathlib.Path:
     """`nbbatch run` of procs.Failing over 30 numbers: fails at sample 10 after committing batches."""
     store = tmp_path / "s.duckdb"
@@ -56,11 +52,6 @@ def failed_cli_run(tmp_path: pathlib.Path, name: str, env: dict[str, str] | None
                       "--no-progress", cwd=tmp_path, env=env)
     assert ran.returncode == 1, ran.stderr
     return store
-
-
-def summary(store: pathlib.Path, name: str) -> dict[str, Any]:
-    with reader.reading(str(store)) as con:
-        return reader.run_summary(con, name)
 
 
 class Planted:
@@ -186,7 +177,7 @@ def test_a_run_signed_by_another_user_is_refused_until_trusted(tmp_path: pathlib
     text = str(refused.value)
     assert "signed with another key" in text and "nbbatch show copied" in text and "nbbatch trust copied" in text
     assert "trust=True" in text
-    assert summary(store, "copied")["attempt"] == 1, "a refused resume starts no attempt"
+    assert run_summary(store, "copied")["attempt"] == 1, "a refused resume starts no attempt"
 
     run = torch_batch_process(Mixed, dataset, batch_size=2, checkpoint_interval=2, num_processes=2, store=str(store),
                               run_name="copied", progress=False, trust=True)
@@ -204,7 +195,7 @@ def test_cli_refuses_a_foreign_run_then_trust_shows_and_signs_it(tmp_path: pathl
     assert refused.returncode == 1, refused.stderr
     assert "trust" in refused.stderr and f"nbbatch trust shared --store {store}" in refused.stderr
     assert f"nbbatch show shared --store {store}" in refused.stderr
-    assert summary(store, "shared")["attempt"] == 1
+    assert run_summary(store, "shared")["attempt"] == 1
 
     shown = nbbatch_cli("show", "shared", "--store", str(store), cwd=tmp_path, env=bob)
     assert shown.returncode == 0, shown.stderr
@@ -220,7 +211,7 @@ def test_cli_refuses_a_foreign_run_then_trust_shows_and_signs_it(tmp_path: pathl
     resumed = nbbatch_cli("resume", "shared", "--store", str(store), cwd=tmp_path, env=bob)
     assert resumed.returncode == 0, resumed.stderr
     assert "run 'shared' done: 15/15 batches, 30 rows" in resumed.stdout
-    assert summary(store, "shared")["reduced_metrics"] == {"total": sum(range(30))}
+    assert run_summary(store, "shared")["reduced_metrics"] == {"total": sum(range(30))}
 
 
 # -- planted launch info ---------------------------------------------------------------------------
@@ -347,7 +338,7 @@ def test_a_store_from_before_signing_is_untrusted_until_resumed_with_trust(tmp_p
     resumed = nbbatch_cli("resume", "old", "--trust", "--store", str(store), cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"--trust: signing and running run 'old'" in resumed.stderr and f"target: {PROCS}:Failing" in resumed.stderr
-    assert summary(store, "old")["reduced_metrics"] == {"total": sum(range(30))}, "the old states were used"
+    assert run_summary(store, "old")["reduced_metrics"] == {"total": sum(range(30))}, "the old states were used"
 
 
 
@@ -355,11 +346,7 @@ def test_a_store_from_before_signing_is_untrusted_until_resumed_with_trust(tmp_p
 def torchrun_cli(tmp_path: pathlib.Path, secret: str | None, *args: str,
                  extra: dict[str, str] | None = None) -> list[subprocess.CompletedProcess[str]]:
     """`nbbatch ARGS` under two torchrun agents acting as two machines that do not share a home."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k != ENV_SECRET}
     procs = [
         subprocess.Popen(
@@ -391,15 +378,15 @@ def test_torchrun_resume_needs_one_secret_on_every_machine_and_never_hangs(tmp_p
                          "--dataset-arg", "n=40", "--batch-size", "2", "--checkpoint-interval", "2", "--name", "tr",
                          *common, extra={"NBBATCH_TEST_FAIL_AT": "16"})
     assert [p.returncode for p in first] == [1, 1], first[0].stdout[-2000:]
-    assert summary(store, "tr")["status"] == "failed"
+    assert run_summary(store, "tr")["status"] == "failed"
 
     # Without the shared secret each machine has its own key: every rank refuses, promptly, before importing.
     refused = torchrun_cli(tmp_path, None, "resume", "tr", *common)
     assert [p.returncode for p in refused] == [1, 1]
     assert all("does not trust them" in p.stdout for p in refused), refused[1].stdout[-2000:]
-    assert summary(store, "tr")["attempt"] == 1
+    assert run_summary(store, "tr")["attempt"] == 1
 
     resumed = torchrun_cli(tmp_path, "cluster-" + "c" * 40, "resume", "tr", *common)
     assert [p.returncode for p in resumed] == [0, 0], resumed[0].stdout[-2000:]
-    s = summary(store, "tr")
+    s = run_summary(store, "tr")
     assert s["status"] == "done" and s["attempt"] == 2 and s["reduced_metrics"] == {"total": sum(range(40))}

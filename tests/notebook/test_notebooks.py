@@ -16,6 +16,7 @@ from typing import Any
 
 import duckdb
 import nbformat
+import helpers
 import pytest
 from nbclient import NotebookClient
 
@@ -137,14 +138,6 @@ def _printed(messages: list[dict[str, Any]]) -> str:
     return "".join(m["content"].get("text", "") for m in messages if m["msg_type"] == "stream")
 
 
-def _committed(store: pathlib.Path) -> int:
-    try:
-        with duckdb.connect(str(store), read_only=True) as con:
-            return int(con.execute("SELECT count(*) FROM batches").fetchone()[0])
-    except duckdb.Error:  # the launcher holds the file during a flush, or no table yet
-        return 0
-
-
 def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.Path, kernel_name: str) -> None:
     from jupyter_client.manager import start_new_kernel
 
@@ -163,10 +156,7 @@ def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.P
         line = "%batchprocess Slow data --batch-size 3 --processes 2 --checkpoint-interval 2 --name interrupted"
         msg_id = kc.execute(line)
         store = tmp_path / "nbbatch.duckdb"
-        deadline = time.monotonic() + 90
-        while _committed(store) < 4:
-            assert time.monotonic() < deadline, "no batches committed"
-            time.sleep(0.3)
+        helpers.poll(lambda: helpers.committed(store, "interrupted") >= 4, 90, "4 committed batches", every=0.3)
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=60)
         while reply["parent_header"].get("msg_id") != msg_id:

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from nbbatch import WorkerFailed
-from nbbatch._progress import PlainReporter, ProgressSnapshot, WorkerProgress
+from nbbatch._events import Status
+from nbbatch._progress import STATUS_COLORS, PlainReporter, ProgressSnapshot, WorkerProgress
 from nbbatch._ui.widgets import WidgetReporter, summary_html, widget_reporter
 
 pytestmark = pytest.mark.timeout(60)
@@ -91,7 +92,8 @@ def test_errors_show_the_remote_traceback_from_the_store(clock: list[float]) -> 
     reporter.update(snap(4, errors=("rank 1, batch_idx 3: ValueError: bad <row>",)))
     assert calls == ["r1"]
     assert "<details>" in reporter.errors.value and "Traceback ...\nValueError: bad &lt;row&gt;" in reporter.errors.value
-    assert reporter.workers.children[1].children[0].bar_style == "danger"
+    # The failing worker's bar takes the failed colour of the one status palette (the dashboard's too).
+    assert reporter.workers.children[1].children[0].style.bar_color == STATUS_COLORS[Status.FAILED]
     clock[0] = 1.0
     reporter.update(snap(5, errors=("rank 1, batch_idx 3: ValueError: bad <row>",)))
     assert calls == ["r1"], "the store is read again only when errors change"
@@ -146,3 +148,25 @@ def test_close_from_a_background_thread_keeps_the_widget_with_the_summary(clock:
     assert reporter.box.comm is not None and len(reporter.box.children) == 1
     assert "nbbatch-summary" in reporter.box.children[0].value and "done" in reporter.box.children[0].value
     assert "nbbatch-summary" in display.handles[0].shown[-1]._repr_html_()  # where the frontend routes it
+
+
+def test_colours_come_from_the_one_status_palette(clock: list[float]) -> None:
+    from nbbatch._ui.dashboard.views import status_badge
+
+    reporter, _ = make(clock)
+    for status in Status:
+        reporter._render(snap(4, status=status.value))
+        color = STATUS_COLORS[status]
+        assert reporter.bar.style.bar_color == color and f"color:{color}" in reporter.title.value
+        assert f"color:{color}" in summary_html(snap(4, status=status.value))
+        assert f"background:{color}" in status_badge(status), "the dashboard's badge has the widget's colour"
+
+
+def test_failed_batches_count_as_processed_everywhere(clock: list[float]) -> None:
+    # 7 done and 3 failed (skipped) of 10: the run is through its plan, so every display says 100%.
+    final = snap(7, status="done", errors=("a", "b", "c"), workers=(WorkerProgress(0, 7, 10, 3, "done"),))
+    assert final.fraction == 1.0 and final.status is Status.DONE
+    reporter, display = make(clock)
+    reporter.close(final)
+    shown = display.handles[0].shown[-1]._repr_html_()
+    assert "10/10 batches (100%)" in shown and "rank 0: 10/10 (3 failed) done" in shown

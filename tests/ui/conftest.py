@@ -6,25 +6,29 @@ installs it). Without it every test in this folder skips and says why.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import helpers
 import pytest
+from helpers import free_port  # noqa: F401 - the UI tests import it from here
 
 CHROMIUM = os.environ.get("NBBATCH_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 SLOW_RUN = SCRIPTS / "slow_run.py"
+POLL_EVERY = 0.2  # seconds between checks: each one is a round trip to the browser or the server
+
+poll = functools.partial(helpers.poll, every=POLL_EVERY)
 
 
 def _missing() -> str | None:
@@ -73,19 +77,18 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
-    """Poll ``url`` until it answers 200; a ``?token=`` URL sets its cookie, which the redirect needs."""
+    """Poll ``url`` until it answers 200 (AssertionError after ``timeout``); a ``?token=`` URL sets its
+    cookie, which the redirect needs."""
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def answers() -> bool:
         try:
             with opener.open(url, timeout=5) as response:
-                if response.status == 200:
-                    return
+                return bool(response.status == 200)
         except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the dashboard at {url} did not answer within {timeout}s")
-        time.sleep(0.2)
+            return False
+
+    poll(answers, timeout, f"the dashboard at {url} to answer")
 
 
 @pytest.fixture
@@ -119,12 +122,6 @@ def printed_url(proc: subprocess.Popen[str], timeout: float = 90.0) -> str:
         return match.group(1) if match else None
 
     return str(poll(find, timeout, "the dashboard URL in the output"))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -161,18 +158,6 @@ def start_run(spawn: Callable[..., subprocess.Popen[str]]) -> Callable[..., subp
         return spawn([sys.executable, str(SLOW_RUN), store, name, *args])
 
     return start
-
-
-def poll(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

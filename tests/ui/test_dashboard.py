@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 from conftest import cli_run_args, output, poll
+from helpers import summary
 
-from nbbatch._errors import RunNotFound, StoreError
 from nbbatch._store import reader
 from nbbatch._ui.dashboard import control
 
@@ -51,14 +51,6 @@ def stored_samples(store: pathlib.Path, name: str) -> list[int]:
         run_id = reader.find_run(con, name)
         rel = reader.outputs_relation(con, run_id)
         return [row[0] for row in con.execute(f"SELECT sample_index FROM ({rel.sql_query()})").fetchall()]
-
-
-def summary(store: pathlib.Path, name: str) -> dict[str, Any] | None:
-    try:
-        with reader.reading(str(store)) as con:
-            return reader.run_summary(con, name)
-    except (StoreError, RunNotFound):
-        return None
 
 
 @pytest.mark.timeout(240)

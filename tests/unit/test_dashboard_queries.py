@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from helpers import poll
 
 from nbbatch._store.connection import StoreOpenError, open_store
 from nbbatch._store.lock import WriterLock
@@ -168,18 +169,18 @@ def test_serve_answers_on_localhost(store: str) -> None:
 
     try:
         server = serve(store, port=0, threaded=True)
-        deadline = time.monotonic() + 30
-        while True:
+        request = urllib.request.Request(f"http://127.0.0.1:{server.port}/",
+                                         headers={"Authorization": f"token {server.access.token}"})
+
+        def answer() -> tuple[int, bytes] | None:
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{server.port}/",
-                                                 headers={"Authorization": f"token {server.access.token}"})
                 with urllib.request.urlopen(request, timeout=5) as response:
-                    assert response.status == 200 and b"nbbatch" in response.read()
-                    break
+                    return response.status, response.read()
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+                return None
+
+        status, body = poll(answer, 30, "the dashboard to answer on localhost", every=0.2)
+        assert status == 200 and b"nbbatch" in body
     finally:
         pn.state.kill_all_servers()
 
@@ -237,7 +238,8 @@ def test_queries_on_a_store_a_real_run_wrote(real_store: str) -> None:
     assert row["total_batches"] == 6 and row["rows"] == 20 and row["errors"] == 1 and row["eta_s"] == 0.0
     assert row["duration_s"] is not None and row["duration_s"] > 0 and row["launch"] is None
     assert detail["reduced_metrics"] == {"total": sum(range(24)) - (8 + 9 + 10 + 11)}
-    assert detail["config"]["batch_size"] == 4 and detail["processor"] == "slow_run.Slow"
+    assert detail["batch_size"] == 4 and detail["processor"] == "slow_run.Slow"
+    assert "batch_size" not in detail["config"]  # each option is stored once: in its own column
     assert [w["rank"] for w in workers] == [0, 1] and {w["status"] for w in workers} == {"done"}
     assert sum(w["rows"] for w in workers) == 20 and sum(w["failed"] for w in workers) == 1
     assert total_errors == 1 and errors[0]["exc_type"] == "ValueError" and list(errors[0]["indices"]) == [8, 9, 10, 11]

@@ -76,7 +76,7 @@ def test_format_duration_and_plain_reporter() -> None:
 
     now = [0.0]
     reporter = PlainReporter(every=10, clock=lambda: now[0], stream=Stream())  # type: ignore[arg-type]
-    record = RunRecord("abc", "r", "running", 1, 4, "/tmp", frozenset(), (), 0)
+    record = RunRecord("abc", "r", "running", 1, 4, "/tmp", frozenset(), ())
     sup = Supervisor(record, make_sharding(8, 2, 1), clock=lambda: now[0])
     reporter.update(sup.snapshot("running"))
     now[0] = 5
@@ -91,7 +91,7 @@ def _done(rank: int, g: int, k: int) -> BatchDone:
 
 
 def test_a_step_is_committed_only_when_every_worker_reported_it() -> None:
-    record = RunRecord("abc", "r", "running", 1, 4, "/tmp", frozenset(), (), 0)
+    record = RunRecord("abc", "r", "running", 1, 4, "/tmp", frozenset(), ())
     sup = Supervisor(record, make_sharding(8, 2, 2), clock=lambda: 0.0)
     sup.handle(_done(0, 0, 0))
     sup.handle(_done(1, 1, 0))
@@ -112,7 +112,7 @@ def test_a_step_is_committed_only_when_every_worker_reported_it() -> None:
 
 
 def test_fatal_failure_and_finish_are_recorded() -> None:
-    record = RunRecord("abc", "r", "running", 1, 4, "/tmp", frozenset({0}), (), 0)
+    record = RunRecord("abc", "r", "running", 1, 4, "/tmp", frozenset({0}), ())
     sup = Supervisor(record, make_sharding(8, 2, 1), clock=lambda: 0.0)
     assert sup.done_batches == 1
     sup.handle(BatchFailed(0, 1, 1, (2, 3), "ValueError", "bad", "tb", True, 0.0))

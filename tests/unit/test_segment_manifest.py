@@ -116,7 +116,7 @@ def test_a_column_changing_type_or_case_between_segments_is_a_store_error(con: d
 
 def test_a_step_commits_only_with_the_segments_of_its_outputs() -> None:
     sharding = make_sharding(16, 4, 2)
-    record = RunRecord(RUN, "r", "running", 1, sharding.planned_batches, "/tmp/x", frozenset(), (), 0)
+    record = RunRecord(RUN, "r", "running", 1, sharding.planned_batches, "/tmp/x", frozenset(), ())
     sup = Supervisor(record, sharding, clock=lambda: 0.0)
     for rank in (0, 1):
         sup.handle(BatchDone(rank, rank, 0, 4, 0.0, 0.1))
@@ -131,7 +131,7 @@ def test_a_step_commits_only_with_the_segments_of_its_outputs() -> None:
 def test_a_segment_sent_before_its_checkpoint_is_kept_for_it() -> None:
     """A torchrun peer finishes its segment, then sends the checkpoint: both arrive in one gather."""
     sharding = make_sharding(8, 4, 1)
-    record = RunRecord(RUN, "r", "running", 1, sharding.planned_batches, "/tmp/x", frozenset(), (), 0)
+    record = RunRecord(RUN, "r", "running", 1, sharding.planned_batches, "/tmp/x", frozenset(), ())
     sup = Supervisor(record, sharding, clock=lambda: 0.0)
     segment = SegmentWritten(0, 1, segment_name(RUN, 1, 0, 1), 4, 100, "crc32:0", (0,), b"")
     sup.handle(BatchDone(0, 0, 0, 4, 0.0, 0.1))

@@ -20,7 +20,7 @@ import nbbatch
 from nbbatch import ResumeMismatch, StoreBusy
 from nbbatch._events import BatchDone, BatchFailed, MetricRecord, Status
 from nbbatch._store.lock import End, WriterLock, ended, keep_end, writer_alive
-from nbbatch._store.writer import Commit, ProgressRow, RunSpec, StoreWriter
+from nbbatch._store.writer import Commit, CommittedBatch, MetricRow, ProgressRow, ReducerStates, RunSpec, StoreWriter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,8 +41,8 @@ def done(g: int, outputs: dict[str, Any] | None, metrics: tuple[MetricRecord, ..
 
 def commit_of(*batches: BatchDone) -> Commit:
     c = Commit()
-    c.batches = [(b, b.global_batch * 2) for b in batches]
-    c.metrics = [(b.rank, b.global_batch, b.batch_idx, m) for b in batches for m in b.metrics]
+    c.batches = [CommittedBatch(b, b.global_batch * 2) for b in batches]
+    c.metrics = [MetricRow(b.rank, b.global_batch, b.batch_idx, m) for b in batches for m in b.metrics]
     return c
 
 
@@ -123,7 +123,7 @@ def test_resume_returns_committed_batches_and_reducer_states(tmp_path: pathlib.P
     try:
         first = writer.begin(spec(tmp_path))
         c = commit_of(done(0, None), done(1, None))
-        c.reducer_states = {0: (1, (b"r0",)), 1: (1, (b"r1",))}
+        c.reducer_states = {0: ReducerStates(1, (b"r0",)), 1: ReducerStates(1, (b"r1",))}
         writer.commit(first, c)
         writer.finish(first, "preempted", {"sum": 1}, None)
         again = writer.begin(spec(tmp_path, world_size=3))
@@ -357,12 +357,16 @@ def test_querying_the_lock_never_makes_a_starting_writer_busy(tmp_path: pathlib.
 
 def test_a_forked_child_does_not_keep_a_dead_writers_lock(tmp_path: pathlib.Path) -> None:
     store = tmp_path / "s.duckdb"
+    # The child says "forked" once its at-fork handlers ran: before that it still holds the copy.
     code = ("import os, sys, time\nfrom nbbatch._store.lock import WriterLock\nlock = WriterLock(sys.argv[1])\n"
-            "pid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\nprint(pid, flush=True)\ntime.sleep(60)")
+            "pid = os.fork()\nif pid == 0:\n    os.write(1, b'forked\\n')\n    time.sleep(60)\n    os._exit(0)\n"
+            "os.write(1, f'{pid}\\n'.encode())\ntime.sleep(60)")  # one write per line: the two never interleave
     parent = subprocess.Popen([sys.executable, "-c", code, str(store)], stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
-    with parent.stdout:  # the child holds the pipe open too: read the pid line only
-        child = int(parent.stdout.readline())
+    with parent.stdout:  # the child holds the pipe open too: read the two lines only
+        lines = {parent.stdout.readline().strip() for _ in range(2)}
+    assert "forked" in lines, lines
+    child = int((lines - {"forked"}).pop())
     try:
         assert writer_alive(str(store)) is True
         parent.kill()

@@ -19,7 +19,7 @@ from nbbatch._errors import StoreError
 from nbbatch._store import secret as store_secret
 from nbbatch._store import trust
 from nbbatch._store.connection import close_all
-from nbbatch._store.writer import Commit, RunSpec, StoreWriter
+from nbbatch._store.writer import Commit, ReducerStates, RunSpec, StoreWriter
 from nbbatch._worker.state import dump_state, load_state
 
 pytestmark = pytest.mark.timeout(60)
@@ -166,7 +166,7 @@ def _failed_run(store: str, name: str, launch: dict[str, Any] | None = None) -> 
     try:
         record = writer.begin(_spec(name, launch))
         commit = Commit()
-        commit.reducer_states = {0: (1, (dump_state([1, 2]),))}
+        commit.reducer_states = {0: ReducerStates(1, (dump_state([1, 2]),))}
         writer.commit(record, commit)
         writer.finish(record, "failed", None, "boom")
         return record.run_id

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def record(done: frozenset[int] = frozenset()) -> RunRecord:
-    return RunRecord("abc", "r", "running", 1, 6, "/tmp", done, (), 0)
+    return RunRecord("abc", "r", "running", 1, 6, "/tmp", done, ())
 
 
 def done(rank: int, g: int, world: int = 2, rows: int = 2) -> BatchDone:

@@ -13,10 +13,10 @@ import os
 import queue
 import uuid
 import webbrowser
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PANEL_AUTH_OPTIONS", "dashboard", "serve"]
+__all__ = ["GATE_OPTIONS", "PANEL_AUTH_OPTIONS", "REFRESH_MS", "dashboard", "serve"]
 
 REFRESH_MS = 1000
 log = logging.getLogger("nbbatch")
@@ -42,21 +42,13 @@ def dashboard(store: str | None = None, run: str | None = None, refresh_ms: int 
     """
     import panel as pn
 
+    from nbbatch._progress import in_jupyter
     from nbbatch._run import default_store
     from nbbatch._ui.dashboard.app import build
 
-    if _in_notebook() and not getattr(pn.extension, "_loaded", False):
+    if in_jupyter() and not getattr(pn.extension, "_loaded", False):
         pn.extension()  # loads Panel's JS into the notebook once
     return build(store or default_store(), run=run, period_ms=refresh_ms)
-
-
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 #: Panel's options for signing users in, passed through to `panel.serve` (see its docs).
@@ -66,12 +58,16 @@ PANEL_AUTH_OPTIONS = frozenset({
     "oauth_guest_endpoints", "oauth_jwt_user", "oauth_key", "oauth_optional", "oauth_provider",
     "oauth_redirect_uri", "oauth_refresh_tokens", "oauth_secret",
 })
+#: `serve`'s own access options; the rest of its ``**gate`` must be `PANEL_AUTH_OPTIONS`.
+GATE_OPTIONS = frozenset({"token", "allow_hosts"})
+#: Longest `serve(threaded=True)` waits for its server thread to listen, and then to end after a failed start.
+START_TIMEOUT_SECONDS = 120.0
+JOIN_TIMEOUT_SECONDS = 30.0
 
 
 def serve(
     store: str, port: int = 0, address: str = "127.0.0.1", show: bool = False, threaded: bool = False, *,
-    token: str | None = None, allow_hosts: Iterable[str] = (), on_ready: Callable[[str], None] | None = None,
-    **panel_auth: Any,
+    on_ready: Callable[[str], None] | None = None, **gate: Any,
 ) -> Any:
     """Serve the dashboard of ``store`` at ``http://ADDRESS:PORT/?token=TOKEN``.
 
@@ -88,17 +84,18 @@ def serve(
         show: open a browser tab.
         threaded: serve from a background thread and return at once (the returned object has
             ``.port``, ``.url`` and ``.stop()``); otherwise block until Ctrl-C.
-        token: the access token (default: ``$NBBATCH_DASHBOARD_TOKEN``, else a random one).
-        allow_hosts: more host names the browser may use, e.g. a reverse proxy's (``*``: any).
         on_ready: called with the full URL (real port, token) once the server listens.
-        **panel_auth: Panel's ``basic_auth``, ``oauth_provider``, ``oauth_key``, ``oauth_secret``,
-            ``cookie_secret``... (`PANEL_AUTH_OPTIONS`), passed to `panel.serve`.
+        **gate: who may connect: ``token=`` (a string; default ``$NBBATCH_DASHBOARD_TOKEN``, else
+            a random one), ``allow_hosts=`` (more host names the browser may use, e.g. a reverse
+            proxy's; ``*``: any), and Panel's ``basic_auth``, ``oauth_provider``, ``oauth_key``,
+            ``oauth_secret``, ``cookie_secret``... (`PANEL_AUTH_OPTIONS`), passed to `panel.serve`.
 
     Returns:
         The server thread (``threaded=True``) or the Bokeh server once it stopped.
 
     Raises:
-        InvalidArgument: an option Panel does not know, or an empty token.
+        InvalidArgument: an option neither nbbatch nor Panel knows, an empty token, or a
+            ``token``/``allow_hosts`` of the wrong type.
 
     Example:
         >>> server = serve("nbbatch.duckdb", port=0, threaded=True)   # doctest: +SKIP
@@ -106,47 +103,65 @@ def serve(
         'http://127.0.0.1:40123/?token=...'
         >>> server.stop()                                              # doctest: +SKIP
     """
-    from nbbatch._errors import InvalidArgument
-    from nbbatch._ui.dashboard import auth, values
+    from nbbatch._ui.dashboard import values
     from nbbatch._ui.dashboard.app import build
 
-    unknown = sorted(set(panel_auth) - PANEL_AUTH_OPTIONS)
-    if unknown:
-        raise InvalidArgument(f"unknown dashboard option(s) {unknown}; Panel's sign-in options are "
-                              f"{sorted(PANEL_AUTH_OPTIONS)}")
-    signs_in = bool(panel_auth.get("basic_auth") or panel_auth.get("oauth_provider"))
-    if signs_in and token is None and auth.TOKEN_ENV not in os.environ:
-        key = None  # Panel's login stands in for the token
-    else:
-        key = auth.resolve_token(token)
-    access = auth.Access.make(address, key, allow_hosts)
+    access, panel_auth = _access(address, gate)
     path = os.path.abspath(store)
     options: dict[str, Any] = {
         "port": port, "address": address, "title": "nbbatch", "verbose": False, "show": False, **panel_auth,
+        "extra_patterns": [(values.PATH, values.FullValueHandler, {"store": path})],
     }
     panels = {"/": lambda: build(path, access=access, full_links=True)}
-    options["extra_patterns"] = [(values.PATH, values.FullValueHandler, {"store": path})]
     if threaded:
         thread = _serve_in_thread(panels, access, options)
-        log.debug("serving the nbbatch dashboard of %s at %s", path, str(thread.url).split("?")[0])
-        if on_ready is not None:
-            on_ready(thread.url)
-        if show:
-            webbrowser.open(thread.url)
+        _ready(path, thread.url, on_ready, webbrowser.open if show else None)
         return thread
     server = _prepare(panels, access, options)
-    url = access.url(server.port)
-    log.debug("serving the nbbatch dashboard of %s at %s", path, url.split("?")[0])
-    if on_ready is not None:
-        on_ready(url)
-    if show:
+
+    def open_tab(url: str) -> None:  # once the loop runs, so the page finds a server
         server.io_loop.add_callback(webbrowser.open, url)
+
+    _ready(path, access.url(server.port), on_ready, open_tab if show else None)
     server.start()
     try:
         server.io_loop.start()  # until Ctrl-C (Panel's SIGINT handler stops the loop)
     except RuntimeError:  # the loop was already running (an embedding application owns it)
         pass
     return server
+
+
+def _access(address: str, gate: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The `auth.Access` policy from `serve`'s ``**gate``, and the Panel sign-in options left in it."""
+    from nbbatch._errors import InvalidArgument
+    from nbbatch._ui.dashboard import auth
+
+    unknown = sorted(set(gate) - PANEL_AUTH_OPTIONS - GATE_OPTIONS)
+    if unknown:
+        raise InvalidArgument(f"unknown dashboard option(s) {unknown}; `serve` takes `token` and `allow_hosts`, and "
+                              f"Panel's sign-in options {sorted(PANEL_AUTH_OPTIONS)}")
+    token, allow_hosts = gate.get("token"), gate.get("allow_hosts") or ()
+    if token is not None and not isinstance(token, str):
+        raise InvalidArgument(f"the dashboard `token` must be a string, got {type(token).__name__}")
+    if isinstance(allow_hosts, str) or not all(isinstance(h, str) for h in allow_hosts):
+        raise InvalidArgument(f"`allow_hosts` must be a list of host names, e.g. `allow_hosts=['proxy.example']`; "
+                              f"got {allow_hosts!r}")
+    panel_auth = {k: v for k, v in gate.items() if k in PANEL_AUTH_OPTIONS}
+    signs_in = bool(panel_auth.get("basic_auth") or panel_auth.get("oauth_provider"))
+    if signs_in and token is None and auth.TOKEN_ENV not in os.environ:
+        key = None  # Panel's login stands in for the token
+    else:
+        key = auth.resolve_token(token)
+    return auth.Access.make(address, key, allow_hosts), panel_auth
+
+
+def _ready(path: str, url: str, on_ready: Callable[[str], None] | None, open_tab: Callable[[str], Any] | None) -> None:
+    """The server listens at ``url``: log it, tell ``on_ready``, open a browser tab if asked."""
+    log.debug("serving the nbbatch dashboard of %s at %s", path, url.split("?")[0])
+    if on_ready is not None:
+        on_ready(url)
+    if open_tab is not None:
+        open_tab(url)
 
 
 def _prepare(panels: dict[str, Any], access: Any, options: dict[str, Any]) -> Any:
@@ -188,9 +203,9 @@ def _serve_in_thread(panels: dict[str, Any], access: Any, options: dict[str, Any
     thread = StoppableThread(target=run, io_loop=loop, kwargs={"server_id": server_id}, owns_loop=True)
     state._threads[server_id] = thread  # so `pn.state.kill_all_servers()` stops it, as for `pn.serve`
     thread.start()
-    outcome = ready.get(timeout=120)
+    outcome = ready.get(timeout=START_TIMEOUT_SECONDS)
     if isinstance(outcome, BaseException):
-        thread.join(timeout=30)
+        thread.join(timeout=JOIN_TIMEOUT_SECONDS)
         raise outcome
     # What the caller needs to reach it: the real port (also for ``port=0``) and the URL with the token.
     vars(thread).update(port=int(outcome.port), url=access.url(int(outcome.port)), access=access)

@@ -4,13 +4,16 @@ A `Dashboard` owns one session's widgets. Each refresh opens the store read-only
 milliseconds (`open_store`), runs the `queries` for what is on screen, closes it, and only then
 updates widgets that changed; when the store is locked or unreadable it keeps the last data and
 says so. It never writes the store: Stop writes a side file and Resume starts a process
-(`control`). Must not import ``_launch``, ``_worker`` or ``_store.writer``.
+(`control`). Its state is typed: the run's `Status` comes from ``queries`` and the message under
+the buttons is a `Note`; nothing is read back from the HTML it shows. Must not import
+``_launch``, ``_worker`` or ``_store.writer``.
 """
 
 # mypy: disable-error-code="no-untyped-call"
 # (Panel and Bokeh ship without type hints.)
 from __future__ import annotations
 
+import enum
 import html
 import logging
 import os
@@ -23,16 +26,24 @@ from bokeh.models import ColumnDataSource, DatetimeTickFormatter, HoverTool
 from bokeh.plotting import figure
 
 from nbbatch._errors import NbbatchError
+from nbbatch._events import Status
 from nbbatch._store.connection import StoreOpenError, open_store
-from nbbatch._ui.dashboard import control, queries, values, views
+from nbbatch._ui.dashboard import REFRESH_MS, control, queries, values, views
 from nbbatch._ui.dashboard.auth import Access, Rights
 
-__all__ = ["Dashboard", "build"]
+__all__ = ["Dashboard", "Note", "build"]
 
 log = logging.getLogger("nbbatch")
 
 #: Longest a refresh waits for the run's writer to release the file before showing old data.
-LOCK_WAIT_S = 1.0
+LOCK_WAIT_SECONDS = 1.0
+#: Rows per page of the outputs preview.
+PAGE_SIZE = 20
+#: Pixel sizes of the plots and controls.
+_PLOT_HEIGHT = 220
+_SELECT_WIDTH = 320
+_BUTTON_WIDTH = 100
+_PAGE_BUTTON_WIDTH = 90
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
@@ -40,7 +51,7 @@ def _plot(
     title: str, x_axis_type: Literal["linear", "datetime"] = "linear", x_label: str = "", y_label: str = ""
 ) -> tuple[Any, ColumnDataSource]:
     source = ColumnDataSource({"x": [], "y": []})
-    fig = figure(title=title, height=220, sizing_mode="stretch_width", x_axis_type=x_axis_type,
+    fig = figure(title=title, height=_PLOT_HEIGHT, sizing_mode="stretch_width", x_axis_type=x_axis_type,
                  toolbar_location="right", tools="pan,wheel_zoom,box_zoom,reset,save")
     fig.line("x", "y", source=source, line_width=2)
     fig.scatter("x", "y", source=source, size=3)
@@ -57,6 +68,18 @@ def _plot(
     return fig, source
 
 
+class Note(enum.Enum):
+    """What the message line under the Stop and Resume buttons says, kept as state, never read from HTML.
+
+    Each value is the CSS class of the message (tests and styles find it by that class).
+    """
+
+    RESUME_BLOCKED = "nbb-resume-note nbb-muted"  # why Resume is off; goes once it no longer applies
+    RESUMING = "nbb-resume-started"  # "Resuming run ..." stays until the next action
+    STOP_REQUESTED = "nbb-stop-note"  # goes once the run no longer runs
+    REFUSED = "nbb-refused"  # a session without control rights pressed a button
+
+
 class Dashboard:
     """One session of the dashboard over the store at ``store``.
 
@@ -69,7 +92,7 @@ class Dashboard:
             check ``rights.control`` themselves, whatever the browser sends.
     """
 
-    def __init__(self, store: str, run: str | None = None, page_size: int = 20, rights: Rights | None = None,
+    def __init__(self, store: str, run: str | None = None, page_size: int = PAGE_SIZE, rights: Rights | None = None,
                  full_links: bool = False) -> None:
         self.store = os.path.abspath(store)
         self.rights = rights or Rights(True, True)
@@ -79,47 +102,60 @@ class Dashboard:
         self.page = 0
         self.page_size = page_size
         self.detail: dict[str, Any] | None = None
+        self.note: Note | None = None
         self.last_ok: float | None = None
         self.refreshes = 0
+        self.period_ms = REFRESH_MS
         self._outputs_key: tuple[Any, ...] | None = None
         self._metric_sources: dict[str, ColumnDataSource] = {}
         self.periodic: Any = None
+        self._make_panes()
+        self._make_controls()
+        self.layout = self._arrange()
 
+    def _make_panes(self) -> None:
+        """The HTML panes and plots that each refresh fills."""
+        readonly = ("" if self.rights.control else
+                    f" <span class='nbb-readonly nbb-muted'>· read-only: {html.escape(self.rights.reason)}</span>")
         self.header = pn.pane.HTML(
             f"<h2 style='margin:0'>nbbatch dashboard</h2><span class='nbb-muted'>store: "
-            f"<code>{html.escape(self.store)}</code></span>"
-            + ("" if self.rights.control else
-               f" <span class='nbb-readonly nbb-muted'>· read-only: {html.escape(self.rights.reason)}</span>"),
-            sizing_mode="stretch_width")
-        self.status_line = pn.pane.HTML("loading…", css_classes=["nbb-refresh"], sizing_mode="stretch_width")
-        self.runs_pane = pn.pane.HTML("", css_classes=["nbb-runs-pane"], sizing_mode="stretch_width")
-        self.run_select = pn.widgets.Select(name="Run", options={}, width=320, css_classes=["nbb-run-select"])
-        self.run_title = pn.pane.HTML("", css_classes=["nbb-run-title-pane"], sizing_mode="stretch_width")
-        self.stop_button = pn.widgets.Button(name="Stop", button_type="danger", disabled=True, width=100,
-                                             css_classes=["nbb-stop"])
-        self.resume_button = pn.widgets.Button(name="Resume", button_type="success", disabled=True, width=100,
-                                               css_classes=["nbb-resume"])
-        self.message = pn.pane.HTML("", css_classes=["nbb-message-pane"], sizing_mode="stretch_width")
-        self.workers_pane = pn.pane.HTML("", css_classes=["nbb-workers-pane"], sizing_mode="stretch_width")
-        self.reduced_pane = pn.pane.HTML("", css_classes=["nbb-reduced-pane"], sizing_mode="stretch_width")
-        self.errors_pane = pn.pane.HTML("", css_classes=["nbb-errors-pane"], sizing_mode="stretch_width")
-        self.outputs_pane = pn.pane.HTML("", css_classes=["nbb-outputs-pane"], sizing_mode="stretch_width")
-        self.config_pane = pn.pane.HTML("", css_classes=["nbb-config-pane"], sizing_mode="stretch_width")
-        self.prev_button = pn.widgets.Button(name="◀ Prev", width=90, disabled=True, css_classes=["nbb-prev"])
-        self.next_button = pn.widgets.Button(name="Next ▶", width=90, disabled=True, css_classes=["nbb-next"])
+            f"<code>{html.escape(self.store)}</code></span>{readonly}", sizing_mode="stretch_width")
+
+        def pane(css: str, text: str = "") -> Any:
+            return pn.pane.HTML(text, css_classes=[css], sizing_mode="stretch_width")
+
+        self.status_line = pane("nbb-refresh", "loading…")
+        self.runs_pane, self.run_title = pane("nbb-runs-pane"), pane("nbb-run-title-pane")
+        self.message = pane("nbb-message-pane")
+        self.workers_pane, self.reduced_pane = pane("nbb-workers-pane"), pane("nbb-reduced-pane")
+        self.errors_pane, self.outputs_pane = pane("nbb-errors-pane"), pane("nbb-outputs-pane")
+        self.config_pane = pane("nbb-config-pane")
         self.page_label = pn.pane.HTML("", css_classes=["nbb-page-pane"])
         fig, self.throughput_source = _plot("Throughput", "datetime", "time (UTC)", "items/s")
         self.throughput_plot = pn.pane.Bokeh(fig, sizing_mode="stretch_width")
         self.metrics_box = pn.Column(sizing_mode="stretch_width", css_classes=["nbb-metrics-pane"])
 
+    def _make_controls(self) -> None:
+        """The run picker, Stop, Resume and the outputs pager, wired to their handlers."""
+        self.run_select = pn.widgets.Select(name="Run", options={}, width=_SELECT_WIDTH, css_classes=["nbb-run-select"])
+        self.stop_button = pn.widgets.Button(name="Stop", button_type="danger", disabled=True, width=_BUTTON_WIDTH,
+                                             css_classes=["nbb-stop"])
+        self.resume_button = pn.widgets.Button(name="Resume", button_type="success", disabled=True,
+                                               width=_BUTTON_WIDTH, css_classes=["nbb-resume"])
+        self.prev_button = pn.widgets.Button(name="◀ Prev", width=_PAGE_BUTTON_WIDTH, disabled=True,
+                                             css_classes=["nbb-prev"])
+        self.next_button = pn.widgets.Button(name="Next ▶", width=_PAGE_BUTTON_WIDTH, disabled=True,
+                                             css_classes=["nbb-next"])
         self.run_select.param.watch(self._on_select, "value")
         self.stop_button.on_click(self._on_stop)
         self.resume_button.on_click(self._on_resume)
         self.prev_button.on_click(lambda event: self._turn(-1))
         self.next_button.on_click(lambda event: self._turn(+1))
 
+    def _arrange(self) -> pn.Column:
+        """The page: header, runs, the selected run's controls and cards."""
         card = {"sizing_mode": "stretch_width", "collapsible": True, "margin": (5, 5)}
-        self.layout = pn.Column(
+        return pn.Column(
             self.header, self.status_line,
             pn.Card(self.runs_pane, title="Runs", **card),
             pn.Row(self.run_select, self.stop_button, self.resume_button, align="end"),
@@ -136,8 +172,9 @@ class Dashboard:
         )
 
     # -- refresh --------------------------------------------------------------------------------
-    def start(self, period_ms: int = 1000) -> None:
+    def start(self, period_ms: int = REFRESH_MS) -> None:
         """Refresh now and then every ``period_ms`` (tied to the session when served)."""
+        self.period_ms = period_ms
         self.refresh()
         self.periodic = pn.state.add_periodic_callback(self.refresh, period=period_ms)
 
@@ -164,7 +201,7 @@ class Dashboard:
 
     def _read(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
-        with open_store(self.store, write=False, timeout=LOCK_WAIT_S) as con:
+        with open_store(self.store, write=False, timeout=LOCK_WAIT_SECONDS) as con:
             data["runs"] = runs = queries.runs(con, time.time())
             ids = [r["run_id"] for r in runs]
             if self.run_id not in ids:
@@ -193,7 +230,8 @@ class Dashboard:
     def _apply(self, data: dict[str, Any]) -> None:
         runs = data["runs"]
         self._set(self.status_line, f"<span class='nbb-muted nbb-fresh'>updated {time.strftime('%H:%M:%S')}"
-                                    f" · {len(runs)} run{'s' if len(runs) != 1 else ''} · refresh every 1 s</span>")
+                                    f" · {len(runs)} run{'s' if len(runs) != 1 else ''} · refresh every "
+                                    f"{self.period_ms / 1000:g} s</span>")
         self._set(self.runs_pane, views.runs_html(runs, self.run_id))
         options = {r["name"]: r["run_id"] for r in runs}
         self._set(self.run_select, options, "options")
@@ -207,23 +245,8 @@ class Dashboard:
                 self._set(pane, "")
             self.stop_button.disabled = self.resume_button.disabled = True
             return
-        row: dict[str, Any] = next((r for r in runs if r["run_id"] == detail["run_id"]), {})
-        self._set(self.run_title, (
-            f"<h3 class='nbb-title' style='margin:4px 0'>{html.escape(str(detail['name']))} "
-            f"{views.status_badge(detail['status'])} "
-            f"<span class='nbb-muted' style='font-size:14px'>{row.get('progress', 0):.0f}% · "
-            f"{detail['done_batches']}/{detail['real_batches']} batches · {detail['committed_rows']} rows stored"
-            f"</span></h3>"))
-        live = detail["status"] in control.STOPPABLE  # an interrupted run has nobody to read a stop request
-        self._set(self.stop_button, not live or not self.rights.control, "disabled")
-        self._set(self.resume_button, not (control.can_resume(detail, self.store) and self.rights.control),
-                  "disabled")
-        blocker = control.resume_blocker(detail, self.store) if detail["status"] in control.RESUMABLE else None
-        shown = str(self.message.object or "")
-        if blocker and "nbb-resume-started" not in shown:  # "Resuming run ..." stays until the next action
-            self._say(f"<span class='nbb-resume-note nbb-muted'>Resume: {html.escape(blocker)}</span>")
-        elif (not blocker and "nbb-resume-note" in shown) or (not live and "nbb-stop-note" in shown):
-            self._say("")  # the note no longer applies
+        self._set(self.run_title, views.run_title_html(detail))
+        self._controls(detail)
         self._set(self.workers_pane, views.workers_html(data["workers"], detail["attempt"]))
         self._set(self.reduced_pane, views.reduced_html(detail.get("reduced_metrics")))
         link = values.value_url(str(detail["run_id"])) if self.full_links else None
@@ -240,6 +263,19 @@ class Dashboard:
             self._set(self.prev_button, self.page <= 0, "disabled")
             self._set(self.next_button, self.page + 1 >= pages, "disabled")
         self._plots(data["throughput"], data["metrics"])
+
+    def _controls(self, detail: dict[str, Any]) -> None:
+        """Stop and Resume for the selected run's `Status`, and whether the current `Note` still applies."""
+        status: Status = detail["status"]
+        live = status in control.STOPPABLE  # an interrupted run has nobody to read a stop request
+        self._set(self.stop_button, not live or not self.rights.control, "disabled")
+        self._set(self.resume_button, not (control.can_resume(detail, self.store) and self.rights.control),
+                  "disabled")
+        blocker = control.resume_blocker(detail, self.store) if status in control.RESUMABLE else None
+        if blocker and self.note is not Note.RESUMING:  # "Resuming run ..." stays until the next action
+            self._say(Note.RESUME_BLOCKED, f"Resume: {blocker}")
+        elif (not blocker and self.note is Note.RESUME_BLOCKED) or (not live and self.note is Note.STOP_REQUESTED):
+            self._say(None)  # the note no longer applies
 
     def _plots(self, throughput: list[dict[str, Any]], metrics: dict[str, list[tuple[float, float]]]) -> None:
         new = {"x": [p["time"] for p in throughput], "y": [p["rate"] for p in throughput]}
@@ -262,14 +298,17 @@ class Dashboard:
         if pn.state.curdoc is None or pn.state.curdoc.session_context is None:
             pn.io.push_notebook(self.throughput_plot, self.metrics_box)  # in-place Bokeh changes in a notebook
 
-    def _say(self, text: str) -> None:
-        self._set(self.message, f"<div class='nbb-message'>{text}</div>" if text else "")
+    def _say(self, note: Note | None, text: str = "") -> None:
+        """Show ``text`` (plain, escaped here) as ``note``, or clear the message with None."""
+        self.note = note
+        shown = f"<div class='nbb-message'><span class='{note.value}'>{html.escape(text)}</span></div>" if note else ""
+        self._set(self.message, shown)
 
     # -- controls -------------------------------------------------------------------------------
     def _on_select(self, event: Any) -> None:
         if event.new and event.new != self.run_id:
             self.run_id, self.page, self._outputs_key = event.new, 0, None
-            self._say("")
+            self._say(None)
             self.refresh()
 
     def _turn(self, step: int) -> None:
@@ -282,7 +321,7 @@ class Dashboard:
         if self.rights.control:
             return False
         log.warning("nbbatch dashboard: refused Stop/Resume from a session without control rights")
-        self._say(f"<span class='nbb-refused'>Refused: {html.escape(self.rights.reason)}</span>")
+        self._say(Note.REFUSED, f"Refused: {self.rights.reason}")
         return True
 
     def _on_stop(self, event: Any) -> None:
@@ -292,7 +331,7 @@ class Dashboard:
             text = control.stop(self.store, self.run_id)
         except OSError as exc:
             text = f"could not request a stop: {exc}"
-        self._say(f"<span class='nbb-stop-note'>{html.escape(text)}</span>")
+        self._say(Note.STOP_REQUESTED, text)
         self.stop_button.disabled = True
 
     def _on_resume(self, event: Any) -> None:
@@ -302,7 +341,7 @@ class Dashboard:
             text = control.resume(self.store, self.detail)
         except (ValueError, OSError) as exc:
             text = f"cannot resume: {exc}"
-        self._say(f"<span class='nbb-resume-started'>{html.escape(text)}</span>")
+        self._say(Note.RESUMING, text)
         self.resume_button.disabled = True
 
 
@@ -318,7 +357,7 @@ def session_rights(access: Access | None) -> Rights:
         dict(request.headers or {}), dict(request.cookies or {}), dict(request.arguments or {}), pn.state.user)
 
 
-def build(store: str, run: str | None = None, period_ms: int = 1000, access: Access | None = None,
+def build(store: str, run: str | None = None, period_ms: int = REFRESH_MS, access: Access | None = None,
           full_links: bool = False) -> pn.viewable.Viewable:
     """The dashboard's layout for one session, refreshing every ``period_ms``.
 

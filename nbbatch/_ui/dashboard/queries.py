@@ -18,12 +18,14 @@ import duckdb
 
 from nbbatch._errors import StoreError
 from nbbatch._events import Status
+from nbbatch._progress import RATE_WINDOW_SECONDS, fraction_done
+from nbbatch._run import batch_counts
 from nbbatch._store import inputs, reader
 from nbbatch._store.schema import KEY_COLUMNS
 from nbbatch._store.sql import ident
 
 __all__ = [
-    "MAX_POINTS", "RATE_WINDOW_S", "TEXT_CHARS", "errors", "metric_series", "outputs_page", "pretty_json",
+    "MAX_ERRORS", "MAX_POINTS", "MAX_SERIES", "TEXT_CHARS", "errors", "metric_series", "outputs_page", "pretty_json",
     "run_detail", "runs", "throughput", "workers",
 ]
 
@@ -31,8 +33,12 @@ __all__ = [
 TEXT_CHARS = 20_000
 #: Most points per plotted series; longer series are averaged into this many buckets.
 MAX_POINTS = 400
-#: Seconds of ``progress_log`` behind the live items/s of a running run.
-RATE_WINDOW_S = 15.0
+#: Most metric series plotted (the first ones by name).
+MAX_SERIES = 12
+#: Newest errors read per refresh (the count says how many there are in all).
+MAX_ERRORS = 50
+#: Items of a vector output shown in a table cell.
+_CELL_ITEMS = 8
 
 _RATES = """
 WITH log AS (
@@ -60,11 +66,6 @@ def _epoch(value: Any) -> float | None:
     return float(value)
 
 
-def _done_batches(s: dict[str, Any]) -> int:
-    """Batches finished so far, as `Run.counts` counts them (live counters or commits, whichever is ahead)."""
-    return max(int(s["done_at_start"] or 0) + int(s["live_batches"] or 0), int(s["committed_batches"] or 0))
-
-
 def runs(con: duckdb.DuckDBPyConnection, now: float) -> list[dict[str, Any]]:
     """One row per run, newest first: status, progress %, items/s, ETA, started, duration, workers.
 
@@ -77,13 +78,12 @@ def runs(con: duckdb.DuckDBPyConnection, now: float) -> list[dict[str, Any]]:
         ...     [r["name"] for r in runs(con, time.time())]
     """
     summaries = reader.list_runs(con)
-    window = int(RATE_WINDOW_S * 1e6)
+    window = int(RATE_WINDOW_SECONDS * 1e6)  # microseconds
     rates = {r[0]: r[1:] for r in con.execute(_RATES, [window, window]).fetchall()}
     out = []
     for s in summaries:
-        total = int(s["real_batches"] or 0)
-        done = _done_batches(s)
-        failed = int(s["live_failed"] or 0)
+        counts = batch_counts(s)
+        total, done, failed = counts["total_batches"], counts["done_batches"], counts["failed_batches"]
         started, finished = _epoch(s["started_at"]), _epoch(s["finished_at"])
         rate: float | None = None
         rows_now, rows_then, span, attempt_seconds = rates.get(s["run_id"], (None, None, None, None))
@@ -103,8 +103,8 @@ def runs(con: duckdb.DuckDBPyConnection, now: float) -> list[dict[str, Any]]:
             eta = 0.0
         end = finished if finished is not None and not live else now  # interrupted: the last sign of life
         out.append({
-            "run_id": s["run_id"], "name": s["name"], "status": s["status"],
-            "progress": 100.0 if total == 0 else min(100.0, 100.0 * (done + failed) / total),
+            "run_id": s["run_id"], "name": s["name"], "status": Status(s["status"]),
+            "progress": 100.0 * fraction_done(done, failed, total),
             "done_batches": done, "failed_batches": failed, "total_batches": total, "rows": int(s["committed_rows"] or 0),
             "items_per_s": rate, "eta_s": eta, "started_at": s["started_at"],
             "duration_s": None if started is None else max(0.0, end - started),
@@ -116,7 +116,8 @@ def runs(con: duckdb.DuckDBPyConnection, now: float) -> list[dict[str, Any]]:
 def run_detail(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
     """The run's row (fingerprint, config, launch, reduced metrics) plus counts; raises RunNotFound."""
     summary = reader.run_summary(con, run_id)
-    summary["done_batches"] = _done_batches(summary)
+    summary["status"] = Status(summary["status"])  # typed from here on: the app compares, never parses
+    summary["done_batches"] = batch_counts(summary)["done_batches"]
     return summary
 
 
@@ -177,7 +178,7 @@ def throughput(con: duckdb.DuckDBPyConnection, run_id: str, points: int = MAX_PO
 
 
 def metric_series(
-    con: duckdb.DuckDBPyConnection, run_id: str, points: int = MAX_POINTS, max_series: int = 12
+    con: duckdb.DuckDBPyConnection, run_id: str, points: int = MAX_POINTS, max_series: int = MAX_SERIES
 ) -> dict[str, list[tuple[float, float]]]:
     """``report_metrics`` values per ``group/name``: ``(global_batch, value)`` points, bucketed.
 
@@ -212,7 +213,7 @@ def metric_series(
     return out
 
 
-def errors(con: duckdb.DuckDBPyConnection, run_id: str, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
+def errors(con: duckdb.DuckDBPyConnection, run_id: str, limit: int = MAX_ERRORS) -> tuple[int, list[dict[str, Any]]]:
     """How many errors the run recorded, and the newest ``limit`` with tracebacks."""
     total = con.execute("SELECT count(*) FROM errors WHERE run_id = ?", [run_id]).fetchone()
     # Texts are cut in SQL: this runs every refresh, and a 2 MB traceback would cross each time.
@@ -227,7 +228,7 @@ def errors(con: duckdb.DuckDBPyConnection, run_id: str, limit: int = 50) -> tupl
     return int(total[0] if total else 0), [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def _cell(value: Any, limit: int = 8) -> Any:
+def _cell(value: Any, limit: int = _CELL_ITEMS) -> Any:
     """A short display form of an output value (vectors show their first items and length)."""
     if isinstance(value, (list, tuple)):
         head = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value[:limit])

@@ -19,9 +19,11 @@ from nbbatch._store import reader
 from nbbatch._store.connection import StoreOpenError, open_store
 from nbbatch._store.sql import ident
 
-__all__ = ["PATH", "FullValueHandler", "full_value", "value_url"]
+__all__ = ["PATH", "READ_WAIT_SECONDS", "FullValueHandler", "full_value", "value_url"]
 
 PATH = "/nbbatch/value"
+#: Longest a full-value request waits for the run's writer to release the store before answering 503.
+READ_WAIT_SECONDS = 5.0
 _ERROR_FIELDS = ("message", "traceback")
 
 
@@ -72,7 +74,7 @@ class FullValueHandler(RequestHandler):
         query = {k: self.get_query_argument(k) for k in self.request.query_arguments}
         run_id = query.pop("run", "")
         try:
-            with open_store(self.store, write=False, timeout=5.0) as con:
+            with open_store(self.store, write=False, timeout=READ_WAIT_SECONDS) as con:
                 text = full_value(con, run_id, query)
         except ValueError:  # a non-numeric sample or error id
             raise HTTPError(400) from None

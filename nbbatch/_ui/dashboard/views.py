@@ -15,19 +15,14 @@ import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from nbbatch._events import Status
-from nbbatch._progress import format_duration
+from nbbatch._progress import format_duration, fraction_done, status_color
+from nbbatch._run import batch_counts
 from nbbatch._ui.dashboard.queries import pretty_json
 
 __all__ = [
-    "CELL_CHARS", "FOLD_CHARS", "STYLE", "clip", "errors_html", "fingerprint_html", "outputs_html", "reduced_html",
-    "runs_html", "status_badge", "workers_html",
+    "CELL_CHARS", "FOLD_CHARS", "SHORT_FOLD_CHARS", "STYLE", "SUMMARY_CHARS", "clip", "errors_html",
+    "fingerprint_html", "outputs_html", "reduced_html", "run_title_html", "runs_html", "status_badge", "workers_html",
 ]
-
-_COLORS: dict[str, str] = {
-    Status.RUNNING: "#1f77b4", Status.DONE: "#2ca02c", Status.FAILED: "#d62728", Status.PREEMPTED: "#ff7f0e",
-    Status.INTERRUPTED: "#9467bd",
-}
 
 STYLE = """
 <style>
@@ -37,7 +32,7 @@ STYLE = """
 .nbb-table tr.nbb-selected td { background: #eef5ff; }
 .nbb-badge { color: white; border-radius: 4px; padding: 1px 6px; font-size: 12px; }
 .nbb-bar { background: #eee; width: 120px; height: 10px; display: inline-block; border-radius: 3px; }
-.nbb-bar > span { background: #1f77b4; height: 10px; display: block; border-radius: 3px; }
+.nbb-bar > span { height: 10px; display: block; border-radius: 3px; }
 .nbb-error summary { cursor: pointer; }
 .nbb-error pre { background: #fbf3f3; padding: 6px; font-size: 12px; white-space: pre-wrap; }
 .nbb-muted { color: #777; }
@@ -55,6 +50,13 @@ def _e(value: Any) -> str:
 CELL_CHARS = 120
 #: Most characters a fold holds; the rest is behind the full-value link.
 FOLD_CHARS = 20_000
+#: Characters of an error message in its summary line; a longer one folds below it.
+SUMMARY_CHARS = 3 * CELL_CHARS
+#: Most characters the fold of an output cell or an error message holds (tracebacks get `FOLD_CHARS`).
+SHORT_FOLD_CHARS = FOLD_CHARS // 10
+#: Dataset indices listed in an error's summary line.
+_INDICES_SHOWN = 10
+
 
 def clip(value: Any, limit: int = CELL_CHARS, fold: int = FOLD_CHARS, full_url: str | None = None,
          total: int | None = None) -> str:
@@ -113,13 +115,16 @@ def _rate(value: float | None) -> str:
 
 
 def status_badge(status: str) -> str:
-    """A colored status label; the text is the status itself (tests and screen readers read it)."""
-    color = _COLORS.get(status, "#777")
+    """A coloured status label (`status_color`, as in the widget); the text is the status itself
+    (tests and screen readers read it)."""
+    color = status_color(status)
     return f'<span class="nbb-badge nbb-status-{_e(status)}" style="background:{color}">{_e(status)}</span>'
 
 
-def _bar(percent: float) -> str:
-    return f'<span class="nbb-bar"><span style="width:{max(0.0, min(100.0, percent)):.1f}%"></span></span>'
+def _bar(percent: float, status: str) -> str:
+    """A progress bar in the colour of ``status``, as the widget draws its bars."""
+    width = max(0.0, min(100.0, percent))
+    return f'<span class="nbb-bar"><span style="width:{width:.1f}%;background:{status_color(status)}"></span></span>'
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "", row_classes: Sequence[str] = ()) -> str:
@@ -131,6 +136,18 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "",
     return f'<table class="nbb-table {cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def run_title_html(detail: dict[str, Any]) -> str:
+    """The selected run's heading: name, status, fraction done, processed of planned batches, rows stored.
+
+    Processed batches include failed (skipped) ones, as the percentage does (`fraction_done`).
+    """
+    counts = batch_counts(detail)
+    done, failed, total = counts["done_batches"], counts["failed_batches"], counts["total_batches"]
+    return (f"<h3 class='nbb-title' style='margin:4px 0'>{_e(detail['name'])} {status_badge(detail['status'])} "
+            f"<span class='nbb-muted' style='font-size:14px'>{100 * fraction_done(done, failed, total):.0f}% · "
+            f"{done + failed}/{total} batches · {counts['rows']} rows stored</span></h3>")
+
+
 def runs_html(runs: list[dict[str, Any]], selected: str | None) -> str:
     """The runs table: name, status, progress, items/s, ETA, started, duration, workers, errors."""
     if not runs:
@@ -140,7 +157,7 @@ def runs_html(runs: list[dict[str, Any]], selected: str | None) -> str:
         eta = "–" if r["eta_s"] is None else format_duration(r["eta_s"])
         rows.append([
             f"<b>{_e(r['name'])}</b>", status_badge(r["status"]),
-            (f"{_bar(r['progress'])} {r['progress']:.0f}% <span class='nbb-muted'>"
+            (f"{_bar(r['progress'], r['status'])} {r['progress']:.0f}% <span class='nbb-muted'>"
              f"({r['done_batches']}/{r['total_batches']}{f', {failed} failed' if (failed := r['failed_batches']) else ''})"
              f"</span>"),
             _rate(r["items_per_s"]), eta, _time(r["started_at"]),
@@ -158,12 +175,11 @@ def workers_html(workers: list[dict[str, Any]], attempt: int | None) -> str:
         return '<p class="nbb-muted">No worker progress recorded yet.</p>'
     rows = []
     for w in workers:
-        total = int(w["todo"] or 0)
-        done = int(w["batches"] or 0)
-        percent = 100.0 if total == 0 else 100.0 * done / total
+        total, done, failed = int(w["todo"] or 0), int(w["batches"] or 0), int(w["failed"] or 0)
+        percent = 100.0 * fraction_done(done, failed, total)
         rows.append([
-            _e(w["rank"]), status_badge(str(w["status"])), f"{_bar(percent)} {done}/{total}", _e(w["rows"]),
-            _e(w["failed"]), _e("–" if w["current_batch"] is None else w["current_batch"]), _clock(w["updated_at"]),
+            _e(w["rank"]), status_badge(str(w["status"])),
+            f"{_bar(percent, str(w['status']))} {done + failed}/{total}", _e(w["rows"]), _e(failed), _e("–" if w["current_batch"] is None else w["current_batch"]), _clock(w["updated_at"]),
         ])
     headers = ["rank", "status", "batches", "rows", "failed", "current global_batch", "updated (UTC)"]
     note = f'<p class="nbb-muted">attempt {_e(attempt)}</p>'
@@ -190,17 +206,17 @@ def errors_html(total: int, errors: list[dict[str, Any]], value_url: str | None 
     items = []
     for e in errors:
         indices = list(e["indices"] or [])
-        shown = ", ".join(str(i) for i in indices[:10]) + (", …" if len(indices) > 10 else "")
+        shown = ", ".join(str(i) for i in indices[:_INDICES_SHOWN]) + (", …" if len(indices) > _INDICES_SHOWN else "")
         kind = "fatal" if e["fatal"] else "skipped"
         message = "" if e["message"] is None else str(e["message"])
         message_len = max(len(message), int(e.get("message_len") or 0))
-        cut = message_len > CELL_CHARS * 3
+        cut = message_len > SUMMARY_CHARS
         error_id = e.get("error_id")
-        folded = (_block(message, "nbb-error-message", limit=FOLD_CHARS // 10, total=message_len,
+        folded = (_block(message, "nbb-error-message", limit=SHORT_FOLD_CHARS, total=message_len,
                          full_url=_link(value_url, error=error_id, field="message")) if cut else "")
         items.append(
             f'<details class="nbb-error"><summary><b>{_e(e["exc_type"])}</b>: '
-            f'{html.escape(message[:CELL_CHARS * 3]) + ("…" if cut else "")} '
+            f'{html.escape(message[:SUMMARY_CHARS]) + ("…" if cut else "")} '
             f'<span class="nbb-muted">({kind}; rank {_e(e["rank"])}, batch_idx {_e(e["batch_idx"])}, '
             f'global_batch {_e(e["global_batch"])}, indices [{_e(shown)}], attempt {_e(e["attempt"])}, '
             f'{_time(e["occurred_at"])})</span></summary>{folded}'
@@ -221,7 +237,7 @@ def outputs_html(columns: list[str], rows: list[tuple[Any, ...]], value_url: str
     cells = []
     for row in rows:
         sample = row[at] if at is not None else None
-        cells.append([clip(v, fold=FOLD_CHARS // 10,
+        cells.append([clip(v, fold=SHORT_FOLD_CHARS,
                            full_url=_link(value_url, column=c, sample=sample) if at is not None else None)
                       for c, v in zip(columns, row)])
     return STYLE + _table(columns, cells, "nbb-outputs")

@@ -3,37 +3,19 @@
 import sys
 import time
 
-from nbbatch import MetricReducer, TorchBatchProcessor, torch_batch_process
+from procs import Summing  # this script's folder is sys.path[0]
+
+from nbbatch import torch_batch_process
 
 
-class Sum(MetricReducer):
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.total = 0
-
-    def update(self, value):
-        self.total += value
-
-    def per_slot_reduce(self):
-        return self.total
-
-    def cross_slot_reduce(self, per_slot_metrics):
-        return sum(per_slot_metrics)
-
-
-class Job(TorchBatchProcessor):
+class Job(Summing):
     def __init__(self, context):
-        self.sum = context.wrap_reducer(Sum(), name="sum")
-        self.order = context.wrap_reducer(lambda values: values, name="order")
+        super().__init__(context)
         self.sleep = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
 
     def process_batch(self, batch, batch_idx):
         time.sleep(self.sleep)
-        self.sum.update(int(batch.sum()))
-        for value in batch.tolist():
-            self.order.update(value)
+        self.reduce(batch)
         return {"value": batch * 3}
 
 

@@ -1,7 +1,8 @@
 """The processor of the fault matrix and the exactly-once property test, with its fault injection.
 
 `FaultJob` stores ``value = 3 * sample`` and an 8-float ``vector`` per sample, reduces a sum
-(`Sum`, a MetricReducer) and the samples in order (a function reducer), and injects one fault,
+(`procs.Sum`, a MetricReducer) and the samples in order (a function reducer; both from
+`procs.Summing`), and injects one fault,
 chosen by ``$NBBATCH_FAULT`` (JSON), at a deterministic point:
 
 - ``hook``: ``__init__``, ``process_batch``, ``on_checkpoint_start`` or ``on_finish``;
@@ -21,8 +22,6 @@ commits the second checkpoint. Without ``$NBBATCH_FAULT`` nothing is injected.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import signal
@@ -31,30 +30,11 @@ from typing import Any
 
 import torch
 
-from nbbatch import MetricReducer, TorchBatchProcessor
+from procs import Summing, fill
 
 FAULT_ENV = "NBBATCH_FAULT"
 VECTOR = 8
 WAIT_CAP = 120.0  # a "wait" that nobody releases must not outlive the test
-
-
-class Sum(MetricReducer):
-    """Sum of the values it was given, across workers (and attempts, through the stored states)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.total = 0
-
-    def update(self, value: int) -> None:
-        self.total += value
-
-    def per_slot_reduce(self) -> int:
-        return self.total
-
-    def cross_slot_reduce(self, per_slot_metrics: list[int]) -> int:
-        return sum(per_slot_metrics)
 
 
 def fault() -> dict[str, Any] | None:
@@ -65,21 +45,6 @@ def fault() -> dict[str, Any] | None:
 def numbers(n: int = 64) -> list[int]:
     """The dataset: the integers 0..n-1."""
     return list(range(n))
-
-
-def fill(path: str) -> None:
-    """Write zeros to ``path`` until its disk is full, as any other program on the machine might."""
-    chunk = b"\0" * 65536
-    with open(path, "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(chunk)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-    with contextlib.suppress(OSError), open(path, "ab", buffering=0) as handle:
-        while True:  # the last few bytes too
-            handle.write(b"\0" * 512)
 
 
 def _mark(directory: str, name: str, text: str) -> None:
@@ -98,14 +63,12 @@ def _wait_for(path: str, cap: float) -> None:
         time.sleep(0.01)
 
 
-class FaultJob(TorchBatchProcessor):
+class FaultJob(Summing):
     """See the module docstring."""
 
     def __init__(self, context: Any) -> None:
-        self.context = context
+        super().__init__(context)
         self.rank = context.get_distributed_rank()
-        self.sum = context.wrap_reducer(Sum(), name="sum")
-        self.order = context.wrap_reducer(lambda values: values, name="order")
         self.fault = fault()
         self.fired = False
         self.checkpoints = 0
@@ -131,9 +94,7 @@ class FaultJob(TorchBatchProcessor):
         self._maybe("process_batch", batch_idx)
         if self.fault is not None:
             time.sleep(float(self.fault.get("slow" if self.fired else "pace", 0.0)))
-        self.sum.update(int(batch.sum()))
-        for value in batch.tolist():
-            self.order.update(value)
+        self.reduce(batch)
         return {"value": batch * 3, "vector": batch.float()[:, None] + torch.arange(VECTOR, dtype=torch.float32)}
 
     def on_checkpoint_start(self) -> None:

@@ -1,14 +1,72 @@
-"""Processors and dataset factories for the CLI tests (loaded as `path/to/procs.py:attr`)."""
+"""Processors and dataset factories for the CLI tests (loaded as `path/to/procs.py:attr`), and the
+pieces every test processor shares: `Sum`, `Summing` and `fill`.
+
+Scripts run as subprocesses import this file as their sibling; tests import it through
+``tests/helpers.py`` (which puts this folder on ``sys.path``). Workers import it by the same name:
+they get the launcher's ``sys.path``. It has no side effects and needs only nbbatch and torch.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
 import time
+from typing import Any
 
 import torch
 
-from nbbatch import TorchBatchProcessor
+from nbbatch import MetricReducer, TorchBatchProcessor
+
+
+class Sum(MetricReducer):
+    """Sum of the values it was given, across workers (and attempts, through the stored states)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0
+
+    def update(self, value: int) -> None:
+        self.total += value
+
+    def per_slot_reduce(self) -> int:
+        return self.total
+
+    def cross_slot_reduce(self, per_slot_metrics: list[int]) -> int:
+        return sum(per_slot_metrics)
+
+
+class Summing(TorchBatchProcessor):
+    """Reduces ``sum`` (a `Sum` of the samples) and ``order`` (the samples in global order) over the batches
+    passed to `reduce`: what `helpers.check_exactly_once` checks after a resume."""
+
+    def __init__(self, context: Any) -> None:
+        self.context = context
+        self.sum = context.wrap_reducer(Sum(), name="sum")
+        self.order = context.wrap_reducer(lambda values: values, name="order")
+
+    def reduce(self, batch: Any) -> None:
+        self.sum.update(int(batch.sum()))
+        for value in batch.tolist():
+            self.order.update(value)
+
+
+def fill(path: str) -> None:
+    """Write zeros to ``path`` until its disk is full, as any other program on the machine might."""
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    with contextlib.suppress(OSError), open(path, "ab", buffering=0) as handle:
+        while True:  # the last few bytes too
+            handle.write(b"\0" * 512)
 
 
 class Double(TorchBatchProcessor):
