@@ -46,8 +46,8 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 VARIANTS = ("forkserver", "zygote", "zygote-early", "zygote-early+late-warm")
 
 
-def _instrument() -> tuple[dict[str, float], dict[str, float], dict[int, float]]:
-    """Wrap the launcher's steps with timers: (spans summed, event marks, worker pid -> WorkerReady.t)."""
+def _instrument() -> tuple[dict[str, float], dict[str, float], dict[int, float], list[str | None]]:
+    """Wrap the launcher's steps with timers: spans summed, event marks, worker pid -> WorkerReady.t, servers."""
     from multiprocessing import process
 
     from nbbatch._launch import forkserver, supervisor
@@ -56,6 +56,7 @@ def _instrument() -> tuple[dict[str, float], dict[str, float], dict[int, float]]
     spans: dict[str, float] = {}
     marks: dict[str, float] = {}
     ready: dict[int, float] = {}
+    kinds: list[str | None] = []
 
     def timed(owner: object, name: str, key: str, last: bool = False) -> None:
         original = getattr(owner, name)
@@ -73,6 +74,13 @@ def _instrument() -> tuple[dict[str, float], dict[str, float], dict[int, float]]
 
     original_ensure = forkserver.ensure_started
     timed(forkserver, "ensure_started", "server start")
+    timed_ensure = forkserver.ensure_started
+
+    def ensure_and_note() -> None:  # which server ran the workers (read before any release)
+        timed_ensure()
+        kinds.append(forkserver.server_kind())
+
+    forkserver.ensure_started = ensure_and_note
     for module in list(sys.modules.values()):  # modules that bound the name at import
         if module is not forkserver and getattr(module, "ensure_started", None) is original_ensure:
             module.ensure_started = forkserver.ensure_started  # type: ignore[attr-defined]
@@ -93,7 +101,7 @@ def _instrument() -> tuple[dict[str, float], dict[str, float], dict[int, float]]
         handle(self, event)  # type: ignore[arg-type]
 
     supervisor.Supervisor.handle = watch  # type: ignore[method-assign]
-    return spans, marks, ready
+    return spans, marks, ready, kinds
 
 
 def _warm_after_begin() -> None:
@@ -140,7 +148,7 @@ def child(variant: str, rows: int) -> None:
     nbbatch.torch_batch_process  # noqa: B018 - the lookup starts the forkserver where one is expected
     import torch
 
-    spans, marks, ready = _instrument()
+    spans, marks, ready, kinds = _instrument()
     if variant.endswith("+late-warm"):
         _warm_after_begin()
     created: dict[int, float | None] = {}
@@ -171,7 +179,6 @@ def child(variant: str, rows: int) -> None:
         call = time.perf_counter()
         if variant.startswith("zygote-early"):
             forkserver.ensure_started()
-        kind = forkserver.server_kind()
         nbbatch.torch_batch_process(Tiny, data, batch_size=1000, num_processes=2,
                                     store=os.path.join(tmp, "s.duckdb"), progress=False)
         end = time.perf_counter()
@@ -181,7 +188,7 @@ def child(variant: str, rows: int) -> None:
     setup = [ready[pid] - start for pid, start in created.items() if start is not None and pid in ready]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out = {
-        "server": kind,
+        "server": kinds[-1] if kinds else None,
         "import and data (before the call)": call - T0,
         **spans,
         "worker setup (process created to WorkerReady, slowest)": max(setup) if setup else float("nan"),
@@ -261,6 +268,9 @@ def main() -> None:
     loads = [float(r["load"]) for r in runs]  # type: ignore[arg-type]
     print(f"\nload average (1 min) before each run: min {min(loads):.1f}, median {statistics.median(loads):.1f}, "
           f"max {max(loads):.1f}")
+    for variant in args.variants:  # the zygote falls back to the forkserver where a fork is unsafe
+        servers = sorted({str(r["server"]) for r in runs if r["variant"] == variant})
+        print(f"  {variant}: workers started from {', '.join(servers)}")
     keys = [k for k in runs[0] if isinstance(runs[0][k], float) and k != "load"]
     header = "".join(f"{v + ' ' + str(n // 1000) + 'k':>18}" for v in args.variants for n in (n1, n2))
     print(f"{'median seconds':52}{header}")

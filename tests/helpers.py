@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import queue
 import socket
 import subprocess
 import sys
@@ -167,6 +168,32 @@ def nbbatch_cli(*args: str, cwd: str | pathlib.Path | None = None, env: dict[str
     """``python -m nbbatch ARGS`` in a subprocess, its output captured; ``env`` adds to this process's."""
     return subprocess.run([sys.executable, "-m", "nbbatch", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_cell(client: Any, code: str, timeout: float = 120) -> list[dict[str, Any]]:
+    """Execute ``code`` through a Jupyter kernel client; the cell's iopub messages until the kernel is idle.
+
+    Raises:
+        TimeoutError: no message came for ``timeout`` seconds from the start.
+    """
+    msg_id = client.execute(code)
+    outputs = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            msg = client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(code) from None
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return outputs
+        outputs.append(msg)
+
+
+def stream_text(messages: list[dict[str, Any]]) -> str:
+    """What a cell printed (its ``stream`` messages), from `run_cell`'s messages."""
+    return "".join(m["content"].get("text", "") for m in messages if m["msg_type"] == "stream")
 
 
 @contextlib.contextmanager

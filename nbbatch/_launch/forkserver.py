@@ -98,17 +98,24 @@ def ensure_started() -> None:
             logger.debug("workers start from a zygote (pid %d) forked from this process", _zygote_pid)
             return
         logger.debug("workers start from a forkserver: no zygote because %s", why)
-        # The marker is in the environment only while the forkserver is spawned: it reads its
-        # environment at exec, and workers get the caller's environment as it was before.
-        previous = os.environ.get(MARKER)
-        os.environ[MARKER] = str(os.getpid())
-        try:
-            forkserver.ensure_running()
-        finally:
-            if previous is None:
-                os.environ.pop(MARKER, None)
-            else:
-                os.environ[MARKER] = previous
+        _spawn_forkserver()
+
+
+def _spawn_forkserver() -> None:
+    """Spawn multiprocessing's forkserver, marked as nbbatch's (see `_boot_forkserver`)."""
+    from multiprocessing import forkserver
+
+    # The marker is in the environment only while the forkserver is spawned: it reads its
+    # environment at exec, and workers get the caller's environment as it was before.
+    previous = os.environ.get(MARKER)
+    os.environ[MARKER] = str(os.getpid())
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            os.environ.pop(MARKER, None)
+        else:
+            os.environ[MARKER] = previous
 
 
 def server_kind() -> str | None:

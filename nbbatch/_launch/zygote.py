@@ -18,10 +18,13 @@ What makes the fork safe, and makes the zygote look like a freshly exec'd forkse
   after any op that ran in parallel, even one ``nn.Linear`` call). A thread that never ran a
   parallel region has no pool, so neither has the zygote, and its workers build their own. The
   caller's main thread waits in ``join`` meanwhile, holding no lock.
-- **Only when the caller holds no accelerator state** (`unusable`): CUDA initialised in a process
-  (even by ``torch.cuda.is_available()``, which loads the driver) does not work in its forks. A
-  Jupyter kernel never forks either: its threads and zmq sockets aside, a zygote would keep the
-  pages of the session's data alive after the notebook drops them.
+- **Only when the caller holds no accelerator state and runs no other Python thread**
+  (`unusable`): CUDA initialised in a process (even by ``torch.cuda.is_available()``, which loads
+  the driver) does not work in its forks; another Python thread may hold a lock at the fork (a
+  module's import lock, a stream's buffer lock) that would stay held in every worker. Native
+  threads (OpenMP's, OpenBLAS's, DuckDB's) run no Python and are fine. A Jupyter kernel never
+  forks either: its threads and zmq sockets aside, a zygote would keep the pages of the session's
+  data alive after the notebook drops them.
 - **File descriptors as after exec:** every descriptor but stdio and the server's own two is
   pointed at /dev/null. Pipes, sockets and the store's lock (an OFD lock, shared by a fork) are
   released as exec would; the numbers stay taken, so a stale Python object the zygote inherited
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import inspect
 import os
 import signal
 import socket
@@ -90,6 +94,10 @@ def _static_reason() -> str | None:
         return f"the platform is {sys.platform}, not Linux"
     if "ipykernel" in sys.modules:
         return "the caller is a Jupyter kernel"
+    from multiprocessing import forkserver
+
+    if "authkey_r" in inspect.signature(forkserver.main).parameters:
+        return "this Python's forkserver authenticates its clients, which the zygote does not do yet"
     return None
 
 
@@ -105,6 +113,14 @@ def unusable() -> str | None:
         return "a ROCm build of torch"
     if _cuda_touched():
         return "CUDA is initialised (or its driver loaded) in the caller"
+    return _threads_reason()
+
+
+def _threads_reason() -> str | None:
+    """Other Python threads could hold a lock (an import's, a stream's) that a fork would keep held forever."""
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        return f"other Python threads run in the caller ({', '.join(sorted(others)[:3])})"
     return None
 
 
@@ -118,7 +134,9 @@ def expected() -> bool:
         return False
     if any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/kfd")):
         return False
-    return "torch" not in sys.modules or unusable() is None
+    if "torch" not in sys.modules:
+        return _threads_reason() is None
+    return unusable() is None
 
 
 def start(server: Any) -> int:

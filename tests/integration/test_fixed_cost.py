@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import threading
 import types
 from typing import Any
 
@@ -143,10 +144,19 @@ class _Double(nbbatch.TorchBatchProcessor):
 
 
 def test_no_zygote_where_a_fork_is_unsafe_or_unwanted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Jupyter kernels and ``NBBATCH_ZYGOTE=0`` get the forkserver; so does a caller that touched CUDA."""
+    """Other Python threads, Jupyter kernels and ``NBBATCH_ZYGOTE=0`` get the forkserver (so does CUDA)."""
     monkeypatch.delenv("NBBATCH_ZYGOTE", raising=False)
     if zygote.unusable() is not None:
         pytest.skip(f"no zygote here: {zygote.unusable()}")
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, name="holds-a-lock-maybe")
+    other.start()
+    try:
+        assert "holds-a-lock-maybe" in (zygote.unusable() or "")
+    finally:
+        release.set()
+        other.join()
+    assert zygote.unusable() is None
     monkeypatch.setenv("NBBATCH_ZYGOTE", "0")
     assert zygote.unusable() == "NBBATCH_ZYGOTE=0" and not zygote.expected()
     monkeypatch.delenv("NBBATCH_ZYGOTE")

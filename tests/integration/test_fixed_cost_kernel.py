@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import queue
 import sys
-import time
 from typing import Any
 
 import pytest
+from helpers import run_cell, stream_text
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -41,23 +40,11 @@ print(json.dumps({"status": run.status, "server": forkserver.server_kind(), "ker
 
 
 def _run_cell(client: Any, code: str, timeout: float = 150) -> str:
-    msg_id = client.execute(code)
-    printed, errors = [], []
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            msg = client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            raise TimeoutError(code) from None
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "stream":
-            printed.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            errors.append("\n".join(msg["content"]["traceback"]))
-        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            assert not errors, errors
-            return "".join(printed)
+    """What the cell printed; it must raise nothing."""
+    messages = run_cell(client, code, timeout)
+    errors = ["\n".join(m["content"]["traceback"]) for m in messages if m["msg_type"] == "error"]
+    assert not errors, errors
+    return stream_text(messages)
 
 
 def test_a_kernels_workers_come_from_the_forkserver(tmp_path: pathlib.Path) -> None:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import queue
 import re
 import shutil
-import time
-from typing import Any
 
 import duckdb
-import nbformat
 import helpers
+import nbformat
 import pytest
 from nbclient import NotebookClient
 
@@ -118,26 +115,6 @@ def test_tables_notebook(notebooks_dir: pathlib.Path, tmp_path: pathlib.Path, ke
         assert con.execute("SELECT rows FROM run_inputs JOIN runs USING (run_id) WHERE name = 'tables'").fetchone() == (64,)
 
 
-def _run_cell(client: Any, code: str, timeout: float = 120) -> list[dict[str, Any]]:
-    msg_id = client.execute(code)
-    outputs = []
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            msg = client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            raise TimeoutError(code) from None
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return outputs
-        outputs.append(msg)
-
-
-def _printed(messages: list[dict[str, Any]]) -> str:
-    return "".join(m["content"].get("text", "") for m in messages if m["msg_type"] == "stream")
-
-
 def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.Path, kernel_name: str) -> None:
     from jupyter_client.manager import start_new_kernel
 
@@ -151,7 +128,7 @@ def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.P
             "        self.total.update(int(batch.sum()))\n        return batch * 1\n"
             "data = list(range(300))\n%load_ext nbbatch\n"
         )
-        _run_cell(kc, setup)
+        helpers.run_cell(kc, setup)
         # With the widget display (a Jupyter kernel): the interrupt must still preempt cleanly.
         line = "%batchprocess Slow data --batch-size 3 --processes 2 --checkpoint-interval 2 --name interrupted"
         msg_id = kc.execute(line)
@@ -166,17 +143,17 @@ def test_kernel_interrupt_preempts_and_the_same_line_resumes(tmp_path: pathlib.P
         shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(reply["content"]["traceback"]))
         assert "%batchprocess: to resume (committed batches are kept), run the same line again" in shown, shown
         assert "_api.py" not in shown and "local.py" not in shown, "the launcher's frames are left out"
-        printed = _printed(_run_cell(kc, "print(_run.status, _run.counts['committed_batches'])"))
+        printed = helpers.stream_text(helpers.run_cell(kc, "print(_run.status, _run.counts['committed_batches'])"))
         status, committed = printed.split()
         assert status == "preempted" and 4 <= int(committed) < 100, printed
-        resumed = _run_cell(kc, line)
+        resumed = helpers.run_cell(kc, line)
         shown = "".join(str(m["content"].get("data", {}).get("text/html", "")) for m in resumed)
         assert "nbbatch-summary" in shown
         check = (
             "print(_run.status, _run.reduced_metrics['total'], "
             "_run.sql('SELECT count(*), count(DISTINCT sample_index), min(sample_index), max(sample_index) FROM outputs').fetchall())"
         )
-        assert _printed(_run_cell(kc, check)).strip() == f"done {sum(range(300))} [(300, 300, 0, 299)]"
+        assert helpers.stream_text(helpers.run_cell(kc, check)).strip() == f"done {sum(range(300))} [(300, 300, 0, 299)]"
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -85,6 +86,9 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
         try:
             with opener.open(url, timeout=5) as response:
                 return bool(response.status == 200)
+        except urllib.error.HTTPError as exc:  # an answer, not 200: close it, or its socket warns when collected
+            exc.close()
+            return False
         except OSError:
             return False
 
@@ -129,9 +133,11 @@ def spawn(tmp_path: pathlib.Path) -> Iterator[Callable[..., subprocess.Popen[str
     """Start a command in a subprocess (output to a log in tmp_path); every one still running is killed at teardown."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(args: list[str], sleep: float = 0.1) -> subprocess.Popen[str]:
+    def start(args: list[str], sleep: float = 0.1, gate: pathlib.Path | None = None) -> subprocess.Popen[str]:
         log_path = tmp_path / f"proc{len(procs)}.log"
         env = {**os.environ, "NBBATCH_UI_SLEEP": str(sleep), "PYTHONUNBUFFERED": "1"}
+        if gate is not None:  # batches after the first wait until the test creates this file
+            env["NBBATCH_UI_GATE"] = str(gate)
         with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the run
             proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
                                     start_new_session=True)

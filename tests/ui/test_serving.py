@@ -64,7 +64,9 @@ def test_served_by_a_command(how: str, finished_store: pathlib.Path, page: Any, 
 @pytest.mark.timeout(180)
 def test_cli_run_serves_its_own_dashboard(tmp_path: pathlib.Path, page: Any, spawn: Any) -> None:
     store = tmp_path / "own.duckdb"
-    run = spawn(cli_run_args(str(store), "with-dashboard", 120, "--dashboard", "--dashboard-port", "0"), sleep=0.1)
+    gate = tmp_path / "gate"  # the run waits for it, so it is still running when the page shows it
+    run = spawn(cli_run_args(str(store), "with-dashboard", 120, "--dashboard", "--dashboard-port", "0"), sleep=0.1,
+                gate=gate)
     url = printed_url(run)
     assert ":0/" not in url and "?token=" in url, url
     try:
@@ -74,5 +76,6 @@ def test_cli_run_serves_its_own_dashboard(tmp_path: pathlib.Path, page: Any, spa
     page.goto(url)
     poll(lambda: "with-dashboard" in runs_table(page) and "running" in runs_table(page), 90,
          "the run to show as running on its own dashboard")
+    gate.touch()
     assert run.wait(timeout=120) == 0, output(run)  # the dashboard reading the store never broke the run
     assert "'with-dashboard' done: 30/30 batches, 120 rows, 0 errors" in output(run), output(run)

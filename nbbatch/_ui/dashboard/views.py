@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from nbbatch._store.reader import RUN_COLUMNS
 from nbbatch._progress import format_duration, fraction_done, status_color
 from nbbatch._run import batch_counts
 from nbbatch._ui.dashboard.queries import pretty_json
@@ -243,9 +244,10 @@ def outputs_html(columns: list[str], rows: list[tuple[Any, ...]], value_url: str
     return STYLE + _table(columns, cells, "nbb-outputs")
 
 
-_FINGERPRINT = ("run_id", "name", "processor", "dataset_len", "batch_size", "max_batches", "checkpoint_interval",
-                "planned_batches", "real_batches", "world_size", "attempt", "on_error", "max_failures", "output_dir",
-                "host", "pid", "created_at", "started_at", "finished_at")
+# The runs table's columns, less those shown elsewhere (status badge, JSON blocks, the error) or
+# only bookkeeping; derived from the one column list, so a new column shows up here too.
+_SHOWN_ELSEWHERE = frozenset({"status", "done_at_start", "launch", "config", "reduced_metrics", "error", "updated_at"})
+_FINGERPRINT = tuple(c for c in RUN_COLUMNS if c not in _SHOWN_ELSEWHERE)
 
 
 def fingerprint_html(detail: dict[str, Any], value_url: str | None = None) -> str:

@@ -19,19 +19,25 @@ from nbbatch import TorchBatchProcessor, torch_batch_process
 
 
 class Slow(TorchBatchProcessor):
-    """Sleeps $NBBATCH_UI_SLEEP s per batch; fails on sample $NBBATCH_UI_FAIL_AT; reports `loss`."""
+    """Sleeps $NBBATCH_UI_SLEEP s per batch; fails on sample $NBBATCH_UI_FAIL_AT; reports `loss`.
+
+    With $NBBATCH_UI_GATE set, batches after each worker's first wait until that file exists.
+    """
 
     def __init__(self, context):
         self.context = context
         self.total = context.wrap_reducer(lambda values: sum(sum(v) for v in values), name="total")
         self.sleep = float(os.environ.get("NBBATCH_UI_SLEEP", "0.1"))
         self.fail_at = int(os.environ.get("NBBATCH_UI_FAIL_AT", "-1"))
+        self.gate = os.environ.get("NBBATCH_UI_GATE")  # a file: batches after the first wait for it
 
     def process_batch(self, batch, batch_idx):
         samples = [int(x) for x in batch]
         if self.fail_at in samples:
             raise ValueError(f"cannot process sample {self.fail_at}")
         time.sleep(self.sleep)
+        while self.gate and batch_idx > 0 and not os.path.exists(self.gate):
+            time.sleep(0.05)  # held until the test saw what it waits for: a run cannot end before
         self.total.update(samples)
         self.context.report_metrics("inference", batch_idx, {"loss": 1.0 / (1 + samples[0])})
         return {"y": batch * 2, "embedding": torch.stack([batch.float(), batch.float() + 0.5], dim=1)}
