@@ -1,9 +1,11 @@
-"""The local transport: N worker processes started from a forkserver, their events read from pipes.
+"""The local transport: N worker processes, their events read from pipes.
 
-Workers come from a forkserver that preloads torch (a fresh worker costs ~10 ms after the first
-run instead of ~2 s for spawn, and never inherits the parent's OpenMP threads or CUDA state, which
-make ``fork`` hang). Each worker has its own event pipe and a control pipe. This module only moves
-events and watches processes; the run's lifecycle (commits, status, errors) is `Lifecycle`'s.
+Workers are forked from a zygote (a copy of the caller forked from a fresh thread, where torch is
+already imported: `nbbatch._launch.zygote`) or, where forking the caller is unsafe (a Jupyter
+kernel, CUDA initialised, other threads alive), from a forkserver that preloads torch. Either way
+a worker never inherits OpenMP threads or CUDA state, which make a plain ``fork`` hang. Each worker
+has its own event pipe and a control pipe. This module only moves events and watches processes;
+the run's lifecycle (commits, status, errors) is `Lifecycle`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import cloudpickle
 from nbbatch._errors import StoreError, WorkerDied
 from nbbatch._events import Control, Status
 from nbbatch._launch.attempt import attempt_spec
-from nbbatch._launch.forkserver import context, ensure_started
+from nbbatch._launch.forkserver import context, ensure_started, release
 from nbbatch._launch.lifecycle import FLUSH_SECONDS, Lifecycle, Signals, begin, conclude
 from nbbatch._launch.supervisor import Supervisor
 from nbbatch._launch.workers import WorkerProcess, kill_all, shut_down
@@ -84,6 +86,16 @@ def default_threads(local_workers: int) -> int:
 
 def run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter) -> Run:
     """Create or resume the run, run one attempt on ``config.num_processes`` local workers, conclude."""
+    # The zygote is forked before the store opens: the store's warm-up thread would make a fork
+    # unsafe (`zygote.unusable`), and the call would fall back to the slower forkserver.
+    ensure_started()
+    try:
+        return _run_local(config, spec, user, reporter)
+    finally:
+        release()  # this call's zygote leaves now that its workers are gone
+
+
+def _run_local(config: RunConfig, spec: RunSpec, user: bytes, reporter: Reporter) -> Run:
     writer, record = begin(config.store, spec)
     if record.status == Status.DONE:
         return Run(config.store, record.run_id)
@@ -262,7 +274,7 @@ class _Workers:
 
 def _died(rank: int, code: int | None, sup: Supervisor) -> WorkerDied:
     if code is None:
-        how = "exited without reporting an error (exit code unknown: the forkserver that started it is gone)"
+        how = "exited without reporting an error (exit code unknown: the process server that started it is gone)"
     elif code < 0:
         try:
             how = f"was killed by {signal.Signals(-code).name}"
