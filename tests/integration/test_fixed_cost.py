@@ -16,15 +16,10 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-import threading
-import types
-from typing import Any
 
 import pytest
 
-import nbbatch
-from nbbatch._launch import forkserver, zygote
-from nbbatch._store import writer as store_writer
+from nbbatch._launch import zygote
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -108,57 +103,80 @@ def test_a_scripts_worker_comes_from_the_expected_server_and_inherits_nothing_un
     assert worker["seed"] != script["seed"]
 
 
+ORDER_SCRIPT = """
+import json, sys
+import nbbatch
+from nbbatch._launch import forkserver
+from nbbatch._store import writer as store_writer
+
+class Double(nbbatch.TorchBatchProcessor):
+    def __init__(self, context):
+        pass
+
+    def process_batch(self, batch, batch_idx):
+        return {"y": batch * 2}
+
+seen = []
+original = store_writer.StoreWriter.__init__
+
+def observed(self, *args, **kwargs):
+    seen.append(forkserver.server_kind())
+    original(self, *args, **kwargs)
+
+store_writer.StoreWriter.__init__ = observed
+run = nbbatch.torch_batch_process(Double, list(range(8)), batch_size=4, num_processes=2, store=sys.argv[1],
+                                  progress=False)
+print(json.dumps({"status": str(run.status), "seen": seen, "after": forkserver.server_kind()}))
+"""
+
+
 def test_the_zygote_is_forked_before_the_store_opens_and_retired_after_the_call(tmp_path: pathlib.Path) -> None:
     """The call forks its zygote first thing, so nothing of the store is open in it, and retires it at the end.
 
-    Runs in this process (a plain Python caller, like a script). Needs ``ensure_started()`` at the
-    start of ``run_local`` and ``release()`` once its workers are gone.
+    A fresh script as the caller (this test process may run threads, e.g. IPython's, that rule a
+    zygote out). Needs ``ensure_started()`` at the start of ``run_local`` and ``release()`` once its
+    workers are gone.
     """
-    if zygote.unusable() is not None:
-        pytest.skip(f"no zygote here: {zygote.unusable()}")
-    forkserver.release()
-    seen: list[str | None] = []
-    original = store_writer.StoreWriter.__init__
-
-    def observed(self: Any, *args: Any, **kwargs: Any) -> None:
-        seen.append(forkserver.server_kind())
-        original(self, *args, **kwargs)
-
-    store_writer.StoreWriter.__init__ = observed  # type: ignore[method-assign]
-    try:
-        run = nbbatch.torch_batch_process(_Double, list(range(8)), batch_size=4, num_processes=2,
-                                          store=str(tmp_path / "s.duckdb"), progress=False)
-    finally:
-        store_writer.StoreWriter.__init__ = original  # type: ignore[method-assign]
-    assert run.status == "done"
-    assert seen and seen[0] == "zygote", f"the server running when the store opened: {seen}"
-    assert forkserver.server_kind() is None, "the call's zygote is retired once its workers are gone"
+    env = {k: v for k, v in os.environ.items() if k != "NBBATCH_ZYGOTE"}
+    done = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, str(tmp_path / "s.duckdb")], capture_output=True,
+                          text=True, timeout=150, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "done"
+    assert result["seen"] and result["seen"][0] == "zygote", f"the server running when the store opened: {result}"
+    assert result["after"] is None, "the call's zygote is retired once its workers are gone"
 
 
-class _Double(nbbatch.TorchBatchProcessor):
-    def __init__(self, context: Any) -> None:
-        pass
+UNSAFE_SCRIPT = """
+import os, sys, threading, types
+import torch
+from nbbatch._launch import zygote
 
-    def process_batch(self, batch: Any, batch_idx: int) -> Any:
-        return {"y": batch * 2}
+assert zygote.unusable() is None, zygote.unusable()
+release = threading.Event()
+other = threading.Thread(target=release.wait, name="holds-a-lock-maybe")
+other.start()
+try:
+    assert "holds-a-lock-maybe" in (zygote.unusable() or ""), zygote.unusable()
+finally:
+    release.set()
+    other.join()
+assert zygote.unusable() is None
+os.environ["NBBATCH_ZYGOTE"] = "0"
+assert zygote.unusable() == "NBBATCH_ZYGOTE=0" and not zygote.expected()
+del os.environ["NBBATCH_ZYGOTE"]
+sys.modules["ipykernel"] = types.ModuleType("ipykernel")
+assert zygote.unusable() == "the caller is a Jupyter kernel" and not zygote.expected()
+print("ok")
+"""
 
 
-def test_no_zygote_where_a_fork_is_unsafe_or_unwanted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Other Python threads, Jupyter kernels and ``NBBATCH_ZYGOTE=0`` get the forkserver (so does CUDA)."""
-    monkeypatch.delenv("NBBATCH_ZYGOTE", raising=False)
-    if zygote.unusable() is not None:
-        pytest.skip(f"no zygote here: {zygote.unusable()}")
-    release = threading.Event()
-    other = threading.Thread(target=release.wait, name="holds-a-lock-maybe")
-    other.start()
-    try:
-        assert "holds-a-lock-maybe" in (zygote.unusable() or "")
-    finally:
-        release.set()
-        other.join()
-    assert zygote.unusable() is None
-    monkeypatch.setenv("NBBATCH_ZYGOTE", "0")
-    assert zygote.unusable() == "NBBATCH_ZYGOTE=0" and not zygote.expected()
-    monkeypatch.delenv("NBBATCH_ZYGOTE")
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    assert zygote.unusable() == "the caller is a Jupyter kernel" and not zygote.expected()
+def test_no_zygote_where_a_fork_is_unsafe_or_unwanted(tmp_path: pathlib.Path) -> None:
+    """Other Python threads, Jupyter kernels and ``NBBATCH_ZYGOTE=0`` get the forkserver (so does CUDA).
+
+    Checked in a fresh script, the caller a zygote is meant for.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NBBATCH_ZYGOTE"}
+    done = subprocess.run([sys.executable, "-c", UNSAFE_SCRIPT], capture_output=True, text=True, timeout=150,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
