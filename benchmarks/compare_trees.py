@@ -44,9 +44,12 @@ def main() -> None:
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", action="append", help="workload to run (resnet, linear, embed, noop); repeatable")
     args = parser.parse_args()
     print(f"{'workload':40} {'old call':>9} {'new call':>9} {'ratio':>6} {'old wall':>9} {'new wall':>9} {'ratio':>6}")
     for name, workload, n, bs, workers in WORKLOADS:
+        if args.only and workload not in args.only:
+            continue
         runs: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
         for _ in range(args.repeat):
             for label in ("old", "new"):
