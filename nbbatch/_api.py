@@ -25,7 +25,7 @@ from nbbatch._plan import make_sharding
 from nbbatch._progress import NullReporter, Reporter, in_jupyter, terminal_reporter
 from nbbatch._run import Run, default_store
 from nbbatch._store.schema import outputs_folder
-from nbbatch._store.writer import RunSpec
+from nbbatch._store.records import RunSpec
 from nbbatch._table import bind_inputs
 
 __all__ = ["RunConfig", "torch_batch_process"]
@@ -62,11 +62,6 @@ def _validate_iterate_length(iterate_length: int | None, times_iterate: int) -> 
         )
         return times_iterate
     return iterate_length
-
-
-def _check_trust(trust: Any) -> bool:
-    """`trust` by its record in the options table (`_check` checked it too, before anything ran)."""
-    return bool(option("trust").require(trust))
 
 
 def _processor_name(cls: Any) -> str:
@@ -249,7 +244,7 @@ def torch_batch_process(
         world_size=config.num_processes, planned_batches=fresh.planned_batches, real_batches=fresh.real_batches,
         on_error=config.on_error, max_failures=config.max_failures,
         output_root=outputs_folder(config.store),
-        launch=config.launch, config=config.describe(), trust=_check_trust(trust), inputs=inputs,
+        launch=config.launch, config=config.describe(), trust=trust, inputs=inputs,  # checked by `_check`
     )
     if env is not None:
         return torchrun.run(config, spec, user, _reporter(progress, config.store), env)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nbbatch._plan import Sharding, make_sharding
-from nbbatch._store.writer import RunRecord
+from nbbatch._store.records import RunRecord
 from nbbatch._worker.loop import WorkerSpec
 
 if TYPE_CHECKING:

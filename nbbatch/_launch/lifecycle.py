@@ -25,7 +25,8 @@ from nbbatch._launch.supervisor import Hung, Supervisor
 from nbbatch._plan import Sharding
 from nbbatch._progress import Reporter
 from nbbatch._store.control import clear_stop, stop_file
-from nbbatch._store.writer import RunRecord, RunSpec, StoreWriter
+from nbbatch._store.records import RunRecord, RunSpec
+from nbbatch._store.writer import StoreWriter
 
 __all__ = [
     "FLUSH_SECONDS",

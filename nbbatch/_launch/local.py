@@ -32,7 +32,7 @@ from nbbatch._launch.supervisor import Supervisor
 from nbbatch._launch.workers import WorkerProcess, kill_all, shut_down
 from nbbatch._progress import Reporter
 from nbbatch._run import Run
-from nbbatch._store.writer import RunSpec
+from nbbatch._store.records import RunSpec
 from nbbatch._worker.entry import WorkerArgs, worker_main
 
 if TYPE_CHECKING:
@@ -123,9 +123,7 @@ def _attempt(life: Lifecycle, signals: Signals, payload: bytes, world: int) -> N
     """Start the workers, move their events into ``life`` until they are gone, then stop them all."""
     workers = _Workers(life.sup)
     try:
-        # The first start of a fresh interpreter waits for the forkserver to import torch (seconds).
-        life.report()
-        ensure_started()
+        life.report()  # "starting N workers" while they start
         workers.start(payload, world, life.name)
         _watch(life, workers, signals)
     finally:

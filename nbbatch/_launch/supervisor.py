@@ -27,8 +27,8 @@ from nbbatch._events import (
 )
 from nbbatch._plan import Sharding
 from nbbatch._progress import ProgressSnapshot, RateMeter, WorkerProgress
-from nbbatch._store.writer import Commit, CommittedBatch, LogRow, MetricRow, ProgressRow, ReducerStates, RunRecord
-from nbbatch._worker.tally import Current, Tally
+from nbbatch._store.records import Commit, CommittedBatch, LogRow, MetricRow, ProgressRow, ReducerStates, RunRecord
+from nbbatch._worker.tally import Tally
 
 __all__ = ["Hung", "Supervisor"]
 

@@ -24,7 +24,8 @@ from nbbatch._launch.lifecycle import Lifecycle, Signals, begin, conclude, worke
 from nbbatch._launch.local import default_threads
 from nbbatch._progress import Reporter
 from nbbatch._run import Run
-from nbbatch._store.writer import RunRecord, RunSpec, StoreWriter
+from nbbatch._store.records import RunRecord, RunSpec
+from nbbatch._store.writer import StoreWriter
 from nbbatch._worker.collective import Coordinator, TorchCoordinator
 from nbbatch._worker.distributed import (
     ABORT_GRACE_SECONDS,

@@ -31,31 +31,12 @@ from nbbatch._store.arrow import jsonable, timestamp
 from nbbatch._store.columns import output_columns
 from nbbatch._store.connection import OPEN_TIMEOUT_SECONDS, StoreOpenError, ensure_schema, open_store, writing
 from nbbatch._store.lock import End, WriterLock, interrupted_error, keep_end, resolve_status
-from nbbatch._store.records import (
-    Commit,
-    CommittedBatch,
-    LogRow,
-    MetricRow,
-    ProgressRow,
-    ReducerStates,
-    RunRecord,
-    RunSpec,
-)
+from nbbatch._store.records import Commit, RunRecord, RunSpec
 from nbbatch._store.schema import RUNS, insert_sql, run_folder
 from nbbatch._store.sql import ident
 from nbbatch._store.trust import Signer
 
-__all__ = [
-    "Commit",
-    "CommittedBatch",
-    "LogRow",
-    "MetricRow",
-    "ProgressRow",
-    "ReducerStates",
-    "RunRecord",
-    "RunSpec",
-    "StoreWriter",
-]
+__all__ = ["StoreWriter"]
 
 # What `begin` reads of a stored run: its identity and state, then its fingerprint.
 _STORED = ("run_id", "name", "status", "attempt", "planned_batches", "output_dir", *Fingerprint.names())

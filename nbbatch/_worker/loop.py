@@ -147,6 +147,7 @@ class _BatchLoop:
         config = settings(spec.output_dir, spec.attempt)
         self.segments = Segments(config, spec.run_id, spec.attempt, rank) if config is not None else None
         self.failures = 0  # batches skipped under on_error="skip"
+        self.sink_checks = pickles(sink)  # the sink's own pickling checks inline outputs: no second pickle
         self.processor: Any = None  # built by `run`, with the loader
         self.batches: Iterator[Any] = iter(())
 
@@ -214,7 +215,7 @@ class _BatchLoop:
             value = self.processor.process_batch(batch=next(self.batches), batch_idx=batch_idx)
             columns = to_columns(value, len(indices), self.keys)
             segmented = self._segmented(columns)
-            if columns is not None and (segmented or not pickles(self.sink)):
+            if columns is not None and (segmented or not self.sink_checks):
                 check_picklable(columns)  # else the pipe's own pickling checks them, once
         except Exception as exc:
             self._batch_failed(g, batch_idx, indices, exc)

@@ -153,7 +153,8 @@ def test_failing_processor_exits_1_with_the_error(tmp_path: pathlib.Path) -> Non
 
 @pytest.mark.timeout(60)
 def test_resume_without_launch_info_exits_2(tmp_path: pathlib.Path) -> None:
-    from nbbatch._store.writer import RunSpec, StoreWriter
+    from nbbatch._store.records import RunSpec
+    from nbbatch._store.writer import StoreWriter
 
     store = tmp_path / "s.duckdb"
     writer = StoreWriter(str(store))

@@ -32,7 +32,7 @@ from nbbatch._launch.local import _Workers
 from nbbatch._plan import make_sharding
 from nbbatch._progress import NullReporter
 from nbbatch._store.control import stop_file
-from nbbatch._store.writer import RunSpec
+from nbbatch._store.records import RunSpec
 from nbbatch._worker.distributed import Channel, Counters
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,7 +10,7 @@ from nbbatch._events import BatchDone, BatchFailed, CheckpointDone, MetricRecord
 from nbbatch._launch.supervisor import Supervisor
 from nbbatch._plan import Fingerprint, make_sharding
 from nbbatch._progress import PlainReporter, RateMeter, format_duration
-from nbbatch._store.writer import RunRecord
+from nbbatch._store.records import RunRecord
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -19,7 +19,7 @@ from nbbatch._plan import make_sharding
 from nbbatch._rows import is_segment_name, marker_name, segment_name
 from nbbatch._store import segments as store_segments
 from nbbatch._store.connection import ensure_schema
-from nbbatch._store.writer import RunRecord
+from nbbatch._store.records import RunRecord
 from nbbatch._worker.segments import SegmentFailed, Segments, Settings, batch_bytes, settings
 
 pytestmark = pytest.mark.timeout(60)

@@ -20,7 +20,8 @@ import nbbatch
 from nbbatch import ResumeMismatch, StoreBusy
 from nbbatch._events import BatchDone, BatchFailed, MetricRecord, Status
 from nbbatch._store.lock import End, WriterLock, ended, keep_end, writer_alive
-from nbbatch._store.writer import Commit, CommittedBatch, MetricRow, ProgressRow, ReducerStates, RunSpec, StoreWriter
+from nbbatch._store.records import Commit, CommittedBatch, MetricRow, ProgressRow, ReducerStates, RunSpec
+from nbbatch._store.writer import StoreWriter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -184,7 +185,8 @@ def test_reader_errors(tmp_path: pathlib.Path) -> None:
 
 HOLDER = """
 import sys
-from nbbatch._store.writer import RunSpec, StoreWriter
+from nbbatch._store.records import RunSpec
+from nbbatch._store.writer import StoreWriter
 spec = RunSpec(name="live", processor="tests.P", dataset_len=8, batch_size=2, max_batches=None, checkpoint_interval=1,
                world_size=1, planned_batches=4, real_batches=4, on_error="raise", max_failures=None,
                output_root=sys.argv[2], launch=None, config={})

@@ -19,7 +19,8 @@ from nbbatch._errors import StoreError
 from nbbatch._store import secret as store_secret
 from nbbatch._store import trust
 from nbbatch._store.connection import close_all
-from nbbatch._store.writer import Commit, ReducerStates, RunSpec, StoreWriter
+from nbbatch._store.records import Commit, ReducerStates, RunSpec
+from nbbatch._store.writer import StoreWriter
 from nbbatch._worker.state import dump_state, load_state
 
 pytestmark = pytest.mark.timeout(60)

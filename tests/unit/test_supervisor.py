@@ -8,7 +8,7 @@ from nbbatch._events import BatchDone, BatchFailed, BatchStarted, CheckpointDone
 from nbbatch._launch.supervisor import Supervisor
 from nbbatch._plan import make_sharding
 from nbbatch._progress import RateMeter
-from nbbatch._store.writer import RunRecord
+from nbbatch._store.records import RunRecord
 
 pytestmark = pytest.mark.timeout(30)
 
