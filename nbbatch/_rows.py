@@ -58,6 +58,26 @@ def marker_name(attempt: int) -> str:
     return f"attempt-{int(attempt)}.json"
 
 
+def _flat_array(flat: np.ndarray) -> pa.Array:
+    """``pa.array(flat)`` for a 1-d numpy array, zero-copy for numbers.
+
+    ``pa.array`` on any numpy array imports pandas the first time (about 0.2 s of CPU in every
+    worker process, and its memory); numbers in native byte order do not need it.
+    """
+    if flat.dtype.kind in "iuf" and flat.dtype.isnative:
+        return pa.Array.from_buffers(pa.from_numpy_dtype(flat.dtype), len(flat), [None, pa.py_buffer(flat)])
+    return pa.array(flat)
+
+
+def _repeated(text: str, rows: int) -> pa.Array:
+    """A string column holding ``text`` ``rows`` times, built without `pa.array` (see `_flat_array`)."""
+    data = text.encode()
+    if rows * len(data) >= 2**31:  # past int32 offsets
+        return pa.array([text] * rows, pa.string())
+    offsets = np.arange(rows + 1, dtype=np.int32) * np.int32(len(data))
+    return pa.Array.from_buffers(pa.string(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(data * rows)])
+
+
 def _numpy_array(arr: np.ndarray) -> pa.Array:
     """A (rows, *shape) array as a column of fixed-size (nested) arrays."""
     if arr.dtype == np.float16:
@@ -66,7 +86,7 @@ def _numpy_array(arr: np.ndarray) -> pa.Array:
         return pa.array(arr.tolist())
     if arr.dtype.kind == "O":
         return pa.array(arr.tolist())
-    flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
+    flat = _flat_array(np.ascontiguousarray(arr).reshape(-1))
     for size in reversed(arr.shape[1:]):
         flat = pa.FixedSizeListArray.from_arrays(flat, int(size))
     return flat
@@ -107,9 +127,9 @@ def outputs_table(
         for name, chunks in columns.items():  # a key this batch lacks is NULL in it, as in later flushes
             chunks.append(column_array(cols[name]) if name in cols else pa.nulls(rows))
         total += rows
-    arrays: dict[str, pa.Array | pa.ChunkedArray] = {"run_id": pa.array([run_id] * total, pa.string())}
+    arrays: dict[str, pa.Array | pa.ChunkedArray] = {"run_id": _repeated(run_id, total)}
     for name, pieces in keys.items():
-        arrays[name] = pa.array(np.concatenate(pieces) if pieces else np.array([], dtype=np.int64))
+        arrays[name] = _flat_array(np.concatenate(pieces) if pieces else np.array([], dtype=np.int64))
     for name, chunks in columns.items():
         first = next((c.type for c in chunks if c.type != pa.null()), pa.null())
         chunks = [c if c.type == first else pa.nulls(len(c), first) if c.type == pa.null() else c.cast(first)

@@ -7,10 +7,13 @@ import errno
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import zlib
 
 import duckdb
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from nbbatch._events import BatchDone, CheckpointDone, SegmentWritten
@@ -44,8 +47,31 @@ def test_a_segment_is_one_checked_parquet_file_named_by_run_attempt_rank_and_ste
     assert event.nbytes == len(data) and event.checksum == f"crc32:{zlib.crc32(data):08x}"
     assert event.rows == 8 and event.global_batches == (0, 2)
     assert not list(tmp_path.glob("*.partial"))
-    rows = duckdb.sql(f"SELECT sample_index, global_batch FROM '{path}' ORDER BY sample_index").fetchall()
-    assert rows == [(i, 0) for i in range(4)] + [(i, 2) for i in range(8, 12)]
+    rows = duckdb.sql(f"SELECT run_id, sample_index, global_batch FROM '{path}' ORDER BY sample_index").fetchall()
+    assert rows == [(RUN, i, 0) for i in range(4)] + [(RUN, i, 2) for i in range(8, 12)]
+
+
+def test_a_segment_keeps_statistics_for_flat_columns_only(tmp_path: pathlib.Path) -> None:
+    """DuckDB skips row groups by the key columns' min/max; float vectors' statistics would only cost."""
+    event = write_one(tmp_path)
+    group = pq.ParquetFile(tmp_path / event.file).metadata.row_group(0)
+    stats = {group.column(i).path_in_schema: group.column(i).is_stats_set for i in range(group.num_columns)}
+    assert stats.pop("vector.list.element") is False
+    assert all(stats.values()) and {"sample_index", "global_batch", "label"} <= set(stats)
+
+
+def test_building_and_writing_a_segment_does_not_import_pandas(tmp_path: pathlib.Path) -> None:
+    """``pa.array`` imports pandas on first use: about 0.2 s of CPU in every worker, measured under torchrun."""
+    script = (
+        "import sys, numpy as np\n"
+        "from nbbatch._worker.segments import Segments, Settings\n"
+        f"seg = Segments(Settings({str(tmp_path)!r}, 0), 'ab12', attempt=1, rank=0)\n"
+        "seg.add(0, 0, 0, {'v': np.ones((4, 3), np.float32), 'k': np.arange(4), 'h': np.ones(4, np.float16)})\n"
+        "assert seg.seal(1) and len(seg.drain()) == 1\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, check=True)
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_nothing_to_write_means_no_segment(tmp_path: pathlib.Path) -> None:
