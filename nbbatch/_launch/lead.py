@@ -1,11 +1,12 @@
 """Rank 0 of a torchrun world: the transport that moves every rank's events into the `Lifecycle`.
 
 Rank 0's own events go straight into the `Lifecycle`; the other ranks' events arrive at each
-checkpoint (``_LeadSink.flush``, a gather on the gloo group) and their live counters through the
-c10d store, which a flusher thread reads twice a second before committing. A step is committed only
-once every rank's share of it arrived, as with the local launcher. The flusher also turns a fatal
-error published by any rank (or a store error, a hung batch, a stop file) into the run's outcome,
-and tells every rank through the c10d store.
+checkpoint (``_LeadSink.flush``, a gather on the gloo group). Their live counters and segment
+manifests come through the c10d store, which a flusher thread reads twice a second before
+committing. A step is committed only once every rank's share of it arrived, with the segments
+holding its outputs, as with the local launcher. The flusher also turns a fatal error published by
+any rank (or a store error, a hung batch, a stop file) into the run's outcome, and tells every rank
+through the c10d store.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class _LeadSink:
                 for event in events:
                     lead.life.sup.handle(event)
                 lead.apply(rank, counters, force=True)
+            lead.collect_segments()
         lead.life.flush(report=False)
 
 
@@ -133,6 +135,13 @@ class Lead:
         self.seq[rank] = counters.seq
         self.life.sup.set_remote_progress(rank, counters.tally())
 
+    def collect_segments(self) -> None:
+        """Take the segment manifests other ranks published since the last look (their steps may commit now)."""
+        segments = self.channel.read_segments(range(1, self.world))
+        with self.life.lock:
+            for event in segments:
+                self.life.sup.handle(event)
+
     def fail(self, events: dict[int, BatchFailed], error: BaseException | None = None) -> None:
         """Record fatal errors (by publishing rank), store the end, tell every rank, leave if stuck."""
         with self.fail_lock:
@@ -142,6 +151,7 @@ class Lead:
             self._record(events)
             try:
                 self._read_progress()
+                self.collect_segments()  # the steps every rank finished still commit
             except Exception:  # the c10d store is gone; keep what we have
                 pass
             self.life.finish(Status.FAILED, error or worker_failed(first, self.life.name))
@@ -191,6 +201,7 @@ class Lead:
 
     def _poll(self, tick: int, signals: Signals) -> None:
         self._read_progress()
+        self.collect_segments()
         if self.abort is None and self.channel.error_count():
             errors = self.channel.errors(skip=0)
             if errors:

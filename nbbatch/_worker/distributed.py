@@ -4,8 +4,9 @@ Under torchrun every process is one worker and rank 0 writes the store. Other ra
 events in a `PeerSink` and ship them to rank 0 at each checkpoint (``gather_object`` on a gloo
 group, a collective point every rank reaches). Between checkpoints a `PeerWatcher` thread puts the
 rank's counters into torch.distributed's own key-value store (the c10d TCPStore torchrun already
-runs) every `POLL_SECONDS`, so rank 0 can show live progress. A fatal error goes into that store at
-once: every rank's watcher sees it within a poll, unwinds at its next event, and leaves the process
+runs) every `POLL_SECONDS`, so rank 0 can show live progress. A segment's manifest goes into that
+store as soon as the segment is written, so a step's commit never waits for the next checkpoint and
+the loop never waits for the write. A fatal error goes into that store at once: every rank's watcher sees it within a poll, unwinds at its next event, and leaves the process
 after a grace period if a collective keeps it stuck, so no rank hangs.
 Must not import DuckDB, ``_store``, ``_launch`` or ``_ui``.
 """
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nbbatch._events import BatchFailed, Event
+from nbbatch._events import BatchFailed, Event, SegmentWritten
 from nbbatch._worker.collective import Coordinator
 from nbbatch._worker.tally import Current, Tally, WorkerStatus
 
@@ -101,7 +102,10 @@ def join_group(local_rank: int) -> tuple[Any, bool]:
 
 
 class Channel:
-    """Keys of one attempt in the c10d store: ``progress/<rank>``, ``error/<publisher>``, ``ack/<publisher>``.
+    """Keys of one attempt in the c10d store.
+
+    ``progress/<rank>``, ``error/<publisher>``, ``ack/<publisher>``, and ``segment/<rank>/<n>`` with
+    the count ``segments/<rank>`` (each manifest is set before the count that makes it readable).
 
     Example:
         >>> ch = Channel(dist.distributed_c10d._get_default_store(), "ab12", 1, 2)   # doctest: +SKIP
@@ -114,6 +118,8 @@ class Channel:
         self.world_size = world_size
         self._lock = threading.Lock()
         self._seen_progress: set[int] = set()
+        self._segments_sent = 0  # by this rank
+        self._segments_read: dict[int, int] = {}  # by rank 0, per publishing rank
 
     def _key(self, *parts: object) -> str:
         return self.prefix + "/".join(str(p) for p in parts)
@@ -134,6 +140,25 @@ class Channel:
                 return {}
             blobs = self.store.multi_get([self._key("progress", r) for r in present])
         return {r: pickle.loads(b) for r, b in zip(present, blobs)}
+
+    def publish_segment(self, rank: int, event: SegmentWritten) -> None:
+        """Hand a written segment's manifest to rank 0 (which commits it with its step)."""
+        with self._lock:
+            self._segments_sent += 1
+            self.store.set(self._key("segment", rank, self._segments_sent), pickle.dumps(event))
+            self.store.add(self._key("segments", rank), 1)
+
+    def read_segments(self, ranks: range) -> list[SegmentWritten]:
+        """The manifests ``ranks`` published since the last call, in publishing order per rank."""
+        out: list[SegmentWritten] = []
+        with self._lock:
+            for rank in ranks:
+                seen, count = self._segments_read.get(rank, 0), int(self.store.add(self._key("segments", rank), 0))
+                if count > seen:
+                    blobs = self.store.multi_get([self._key("segment", rank, n) for n in range(seen + 1, count + 1)])
+                    out.extend(pickle.loads(b) for b in blobs)
+                    self._segments_read[rank] = count
+        return out
 
     def publish_error(self, publisher: int, event: BatchFailed) -> None:
         """Announce a fatal error to every rank (first error per publisher wins)."""
@@ -178,11 +203,11 @@ class Channel:
 
 
 class PeerSink:
-    """Events of a rank other than 0: buffered until the next checkpoint, counted for live progress."""
+    """Events of a rank other than 0: buffered until the next checkpoint, counted for live progress.
 
-    #: Events reach rank 0 only at checkpoints: the batch loop finishes a step's output segment before
-    #: sending the step's checkpoint, so the segment's manifest travels with it (``loop.run_loop``).
-    immediate = False
+    A segment's manifest does not wait for the checkpoint: it goes to rank 0 through the c10d store
+    at once (`Channel.publish_segment`), so the step's commit does not wait for the next one.
+    """
 
     def __init__(self, rank: int, channel: Channel) -> None:
         self.rank = rank
@@ -202,6 +227,9 @@ class PeerSink:
         """
         if self.abort is not None and self.fatal is None:
             raise RemoteFailure(self.abort)
+        if isinstance(event, SegmentWritten):
+            self.channel.publish_segment(self.rank, event)
+            return
         with self._lock:
             self._seq += 1
             self._tally.count(event)

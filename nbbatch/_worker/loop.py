@@ -39,7 +39,7 @@ from nbbatch._processor import Ledger, worker_context
 from nbbatch._worker.collective import Coordinator
 from nbbatch._worker.outputs import KeyCase, check_picklable, to_columns, unpicklable
 from nbbatch._worker.segments import Segments, batch_bytes, settings
-from nbbatch._worker.sink import NotSent, Sink, immediate, pickles
+from nbbatch._worker.sink import NotSent, Sink, pickles
 from nbbatch._worker.state import dump_state, load_state
 
 __all__ = ["Sink", "WorkerSpec", "failure", "run_loop"]
@@ -257,9 +257,7 @@ class _BatchLoop:
         stop = stop and check_stop
         too_many = self.spec.max_failures is not None and total_failures > self.spec.max_failures
         states = self._call(lambda: tuple(dump_state(s) for s in self.ledger.per_slot_states()))
-        segment = self.segments.seal(step) if self.segments is not None else False
-        if segment and not immediate(self.sink):
-            self._report(wait=True)  # a sink that ships at checkpoints: the segment's manifest goes with this one
+        segment = self.segments.seal(step) if self.segments is not None else False  # written while the next run
         self.sink.emit(CheckpointDone(self.rank, step, states, self.ledger.take_metrics(), stop=stop,
                                       failed=too_many, segment=segment))
         self.sink.flush(self.coordinator)

@@ -15,7 +15,7 @@ from nbbatch._events import Event
 if TYPE_CHECKING:
     from nbbatch._worker.collective import Coordinator
 
-__all__ = ["NotSent", "Sink", "immediate", "pickles"]
+__all__ = ["NotSent", "Sink", "pickles"]
 
 
 class NotSent(Exception):
@@ -25,14 +25,9 @@ class NotSent(Exception):
 class Sink(Protocol):
     """Where a worker's events go.
 
-    Two optional class attributes tell the loop how a sink ships events:
-
-    - ``immediate = False``: events leave only at `flush` (a torchrun peer's). The loop then finishes
-      each step's output segment before the step's checkpoint event, so the segment's manifest
-      reaches the launcher with it.
-    - ``pickles = True``: `emit` pickles the event at once and raises `NotSent` before sending
-      anything if it cannot (a pipe's). The loop then relies on that for a batch's outputs instead
-      of pickling them once more to check them.
+    An optional class attribute, ``pickles = True``, says that `emit` pickles the event at once and
+    raises `NotSent` before sending anything if it cannot (a pipe's). The loop then relies on that
+    for a batch's outputs instead of pickling them once more to check them.
     """
 
     def emit(self, event: Event) -> None:
@@ -42,11 +37,6 @@ class Sink(Protocol):
     def flush(self, coordinator: Coordinator) -> None:
         """Called on every rank right after each checkpoint event (a collective point)."""
         ...
-
-
-def immediate(sink: Sink) -> bool:
-    """Whether ``sink``'s events leave at `Sink.emit` (else at `Sink.flush`)."""
-    return bool(getattr(sink, "immediate", True))
 
 
 def pickles(sink: Sink) -> bool:

@@ -21,7 +21,16 @@ import pytest
 import torch.distributed as dist
 from helpers import poll
 
-from nbbatch._events import BatchDone, BatchFailed, BatchStarted, CheckpointDone, Status, WorkerFinished, WorkerReady
+from nbbatch._events import (
+    BatchDone,
+    BatchFailed,
+    BatchStarted,
+    CheckpointDone,
+    SegmentWritten,
+    Status,
+    WorkerFinished,
+    WorkerReady,
+)
 from nbbatch._worker.collective import SoloCoordinator
 from nbbatch._worker.distributed import (
     EXIT_ABORTED,
@@ -144,6 +153,26 @@ def test_a_channel_reads_another_clients_writes() -> None:
     assert peer.wait_ack(1, 5.0)
 
 
+def segment(rank: int, step: int) -> SegmentWritten:
+    return SegmentWritten(rank, step, f"seg-r{rank}-s{step}.parquet", 4, 100, "crc32:0", (step,), b"")
+
+
+def test_segment_manifests_reach_rank_0_once_in_publishing_order() -> None:
+    """Peers publish through their own clients of torchrun's TCPStore; rank 0 reads each manifest once."""
+    server = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
+    lead = Channel(server, "r", 1, 3)
+    one, two = (Channel(dist.TCPStore("127.0.0.1", server.port, 1, False), "r", 1, 3) for _ in range(2))
+    assert lead.read_segments(range(1, 3)) == []
+    one.publish_segment(1, segment(1, 20))
+    two.publish_segment(2, segment(2, 20))
+    one.publish_segment(1, segment(1, 40))
+    assert lead.read_segments(range(1, 3)) == [segment(1, 20), segment(1, 40), segment(2, 20)]
+    assert lead.read_segments(range(1, 3)) == []
+    two.publish_segment(2, segment(2, 40))
+    assert lead.read_segments(range(1, 3)) == [segment(2, 40)]
+    assert Channel(server, "r", 2, 3).read_segments(range(1, 3)) == [], "another attempt sees none"
+
+
 # -- PeerSink --------------------------------------------------------------------------------------
 
 
@@ -160,6 +189,17 @@ def test_peer_sink_buffers_until_flush_and_counts_live(store: Any) -> None:
     assert shipped == events and shipped_counters.done == 1
     sink.flush(coordinator)
     assert coordinator.gathered[1][0] == [], "each event is shipped once"
+
+
+def test_peer_sink_publishes_a_segment_manifest_at_once(store: Any) -> None:
+    """The step's commit waits for the manifest, so it must not wait in the buffer for the next checkpoint."""
+    channel = Channel(store, "run1", 1, 2)
+    sink = PeerSink(1, channel)
+    sink.emit(segment(1, 20))
+    assert Channel(store, "run1", 1, 2).read_segments(range(1, 2)) == [segment(1, 20)]
+    coordinator = Recording()
+    sink.flush(coordinator)
+    assert coordinator.gathered[0][0] == [], "not shipped a second time at the checkpoint"
 
 
 def test_peer_sink_publishes_its_fatal_error_with_its_totals_first(store: Any) -> None:
