@@ -122,6 +122,7 @@ class Lead:
         self.world = life.sup.sharding.world_size
         self.fail_lock = threading.Lock()
         self.seq = [-1] * self.world
+        self.published: dict[int, int] = {}  # segment manifests each rank published, by its counters
         self.own_fatal: BatchFailed | None = None
         self.abort: BatchFailed | None = None
         self.finished = threading.Event()
@@ -133,11 +134,14 @@ class Lead:
         if counters is None or (not force and counters.seq <= self.seq[rank]):
             return
         self.seq[rank] = counters.seq
+        self.published[rank] = max(self.published.get(rank, 0), counters.segments)
         self.life.sup.set_remote_progress(rank, counters.tally())
 
     def collect_segments(self) -> None:
-        """Take the segment manifests other ranks published since the last look (their steps may commit now)."""
-        segments = self.channel.read_segments(range(1, self.world))
+        """Take the segment manifests other ranks' counters say they published (their steps may commit now)."""
+        with self.life.lock:
+            published = dict(self.published)
+        segments = self.channel.read_segments(published)
         with self.life.lock:
             for event in segments:
                 self.life.sup.handle(event)

@@ -5,9 +5,10 @@ events in a `PeerSink` and ship them to rank 0 at each checkpoint (``gather_obje
 group, a collective point every rank reaches). Between checkpoints a `PeerWatcher` thread puts the
 rank's counters into torch.distributed's own key-value store (the c10d TCPStore torchrun already
 runs) every `POLL_SECONDS`, so rank 0 can show live progress. A segment's manifest goes into that
-store as soon as the segment is written, so a step's commit never waits for the next checkpoint and
-the loop never waits for the write. A fatal error goes into that store at once: every rank's watcher sees it within a poll, unwinds at its next event, and leaves the process
-after a grace period if a collective keeps it stuck, so no rank hangs.
+store as soon as the segment is written, so the loop never waits for the write and a step's
+commit does not wait for the next checkpoint. A fatal error goes into that store at once: every
+rank's watcher sees it within a poll, unwinds at its next event, and leaves the process after a
+grace period if a collective keeps it stuck, so no rank hangs.
 Must not import DuckDB, ``_store``, ``_launch`` or ``_ui``.
 """
 
@@ -53,7 +54,10 @@ EXIT_ABORTED = 1
 
 @dataclass(frozen=True)
 class Counters:
-    """One rank's totals in the current attempt; ``seq`` orders snapshots, ``t`` is a heartbeat."""
+    """One rank's totals in the current attempt; ``seq`` orders snapshots, ``t`` is a heartbeat.
+
+    ``segments`` counts the segment manifests the rank published (`Channel.publish_segment`).
+    """
 
     seq: int
     done: int
@@ -62,11 +66,12 @@ class Counters:
     current: Current | None
     status: WorkerStatus
     t: float
+    segments: int = 0
 
     @classmethod
-    def of(cls, seq: int, tally: Tally, t: float) -> Counters:
+    def of(cls, seq: int, tally: Tally, t: float, segments: int = 0) -> Counters:
         """The snapshot of ``tally`` numbered ``seq`` and taken at ``t``."""
-        return cls(seq, tally.done, tally.rows, tally.failed, tally.current, tally.status, t)
+        return cls(seq, tally.done, tally.rows, tally.failed, tally.current, tally.status, t, segments)
 
     def tally(self) -> Tally:
         """The totals, as the `Tally` rank 0 keeps for this rank."""
@@ -104,8 +109,9 @@ def join_group(local_rank: int) -> tuple[Any, bool]:
 class Channel:
     """Keys of one attempt in the c10d store.
 
-    ``progress/<rank>``, ``error/<publisher>``, ``ack/<publisher>``, and ``segment/<rank>/<n>`` with
-    the count ``segments/<rank>`` (each manifest is set before the count that makes it readable).
+    ``progress/<rank>``, ``error/<publisher>``, ``ack/<publisher>``, and ``segment/<rank>/<n>``:
+    a rank's n-th segment manifest, set before the rank's counters say it published n, and
+    deleted by rank 0 once read (a long run does not pile them up in torchrun's store).
 
     Example:
         >>> ch = Channel(dist.distributed_c10d._get_default_store(), "ab12", 1, 2)   # doctest: +SKIP
@@ -118,7 +124,6 @@ class Channel:
         self.world_size = world_size
         self._lock = threading.Lock()
         self._seen_progress: set[int] = set()
-        self._segments_sent = 0  # by this rank
         self._segments_read: dict[int, int] = {}  # by rank 0, per publishing rank
 
     def _key(self, *parts: object) -> str:
@@ -141,24 +146,24 @@ class Channel:
             blobs = self.store.multi_get([self._key("progress", r) for r in present])
         return {r: pickle.loads(b) for r, b in zip(present, blobs)}
 
-    def publish_segment(self, rank: int, event: SegmentWritten) -> None:
-        """Hand a written segment's manifest to rank 0 (which commits it with its step)."""
+    def publish_segment(self, rank: int, n: int, event: SegmentWritten) -> None:
+        """Hand this rank's ``n``-th segment manifest to rank 0 (which commits it with its step)."""
         with self._lock:
-            self._segments_sent += 1
-            self.store.set(self._key("segment", rank, self._segments_sent), pickle.dumps(event))
-            self.store.add(self._key("segments", rank), 1)
+            self.store.set(self._key("segment", rank, n), pickle.dumps(event))
 
-    def read_segments(self, ranks: range) -> list[SegmentWritten]:
-        """The manifests ``ranks`` published since the last call, in publishing order per rank."""
-        out: list[SegmentWritten] = []
+    def read_segments(self, published: dict[int, int]) -> list[SegmentWritten]:
+        """The manifests not read yet of ``published`` (rank -> how many it published), oldest first per rank."""
         with self._lock:
-            for rank in ranks:
-                seen, count = self._segments_read.get(rank, 0), int(self.store.add(self._key("segments", rank), 0))
-                if count > seen:
-                    blobs = self.store.multi_get([self._key("segment", rank, n) for n in range(seen + 1, count + 1)])
-                    out.extend(pickle.loads(b) for b in blobs)
-                    self._segments_read[rank] = count
-        return out
+            keys = [self._key("segment", rank, n) for rank, count in sorted(published.items())
+                    for n in range(self._segments_read.get(rank, 0) + 1, count + 1)]
+            if not keys:
+                return []
+            blobs = self.store.multi_get(keys)
+            for key in keys:
+                self.store.delete_key(key)
+            for rank, count in published.items():
+                self._segments_read[rank] = max(count, self._segments_read.get(rank, 0))
+        return [pickle.loads(b) for b in blobs]
 
     def publish_error(self, publisher: int, event: BatchFailed) -> None:
         """Announce a fatal error to every rank (first error per publisher wins)."""
@@ -217,6 +222,7 @@ class PeerSink:
         self.abort: BatchFailed | None = None
         self._lock = threading.Lock()
         self._seq = 0
+        self._segments = 0
         self._tally = Tally()
 
     def emit(self, event: Event) -> None:
@@ -228,7 +234,10 @@ class PeerSink:
         if self.abort is not None and self.fatal is None:
             raise RemoteFailure(self.abort)
         if isinstance(event, SegmentWritten):
-            self.channel.publish_segment(self.rank, event)
+            with self._lock:
+                self.channel.publish_segment(self.rank, self._segments + 1, event)
+                self._segments += 1  # only now may rank 0, reading our counters, look for it
+                self._seq += 1
             return
         with self._lock:
             self._seq += 1
@@ -242,7 +251,7 @@ class PeerSink:
     def counters(self) -> Counters:
         """A consistent snapshot of this rank's totals."""
         with self._lock:
-            return Counters.of(self._seq, self._tally, time.time())
+            return Counters.of(self._seq, self._tally, time.time(), self._segments)
 
     def flush(self, coordinator: Coordinator) -> None:
         """Ship everything since the last checkpoint to rank 0 (a collective: every rank calls it)."""

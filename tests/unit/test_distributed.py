@@ -162,15 +162,15 @@ def test_segment_manifests_reach_rank_0_once_in_publishing_order() -> None:
     server = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
     lead = Channel(server, "r", 1, 3)
     one, two = (Channel(dist.TCPStore("127.0.0.1", server.port, 1, False), "r", 1, 3) for _ in range(2))
-    assert lead.read_segments(range(1, 3)) == []
-    one.publish_segment(1, segment(1, 20))
-    two.publish_segment(2, segment(2, 20))
-    one.publish_segment(1, segment(1, 40))
-    assert lead.read_segments(range(1, 3)) == [segment(1, 20), segment(1, 40), segment(2, 20)]
-    assert lead.read_segments(range(1, 3)) == []
-    two.publish_segment(2, segment(2, 40))
-    assert lead.read_segments(range(1, 3)) == [segment(2, 40)]
-    assert Channel(server, "r", 2, 3).read_segments(range(1, 3)) == [], "another attempt sees none"
+    assert lead.read_segments({}) == [] and lead.read_segments({1: 0, 2: 0}) == []
+    one.publish_segment(1, 1, segment(1, 20))
+    two.publish_segment(2, 1, segment(2, 20))
+    one.publish_segment(1, 2, segment(1, 40))
+    assert lead.read_segments({1: 2, 2: 1}) == [segment(1, 20), segment(1, 40), segment(2, 20)]
+    assert lead.read_segments({1: 2, 2: 1}) == [] and lead.read_segments({1: 1}) == []
+    two.publish_segment(2, 2, segment(2, 40))
+    assert lead.read_segments({2: 2}) == [segment(2, 40)]
+    assert not server.check(["nbbatch/r/1/segment/1/1"]), "rank 0 deletes what it read"
 
 
 # -- PeerSink --------------------------------------------------------------------------------------
@@ -193,10 +193,12 @@ def test_peer_sink_buffers_until_flush_and_counts_live(store: Any) -> None:
 
 def test_peer_sink_publishes_a_segment_manifest_at_once(store: Any) -> None:
     """The step's commit waits for the manifest, so it must not wait in the buffer for the next checkpoint."""
-    channel = Channel(store, "run1", 1, 2)
-    sink = PeerSink(1, channel)
+    sink = PeerSink(1, Channel(store, "run1", 1, 2))
+    before = sink.counters()
     sink.emit(segment(1, 20))
-    assert Channel(store, "run1", 1, 2).read_segments(range(1, 2)) == [segment(1, 20)]
+    after = sink.counters()
+    assert (before.segments, after.segments) == (0, 1) and after.seq > before.seq, "a newer snapshot says so"
+    assert Channel(store, "run1", 1, 2).read_segments({1: after.segments}) == [segment(1, 20)]
     coordinator = Recording()
     sink.flush(coordinator)
     assert coordinator.gathered[0][0] == [], "not shipped a second time at the checkpoint"

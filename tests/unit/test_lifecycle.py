@@ -5,6 +5,7 @@ A real DuckDB store and real pipes / a real c10d store; the events are the ones 
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import pathlib
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 import duckdb
+import numpy as np
 import pytest
 import torch.distributed as dist
 
@@ -33,7 +35,8 @@ from nbbatch._plan import make_sharding
 from nbbatch._progress import NullReporter
 from nbbatch._store.control import stop_file
 from nbbatch._store.records import RunSpec
-from nbbatch._worker.distributed import Channel, Counters
+from nbbatch._worker.distributed import Channel, Counters, PeerSink
+from nbbatch._worker.segments import Segments, settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -197,6 +200,38 @@ def test_a_peer_s_published_error_fails_the_run_in_the_store_and_is_acknowledged
     assert status == Status.FAILED and isinstance(error, WorkerFailed) and error.rank == 1
     assert lead.channel.wait_ack(1, 1.0), "the peer waits for this ack before it leaves"
     assert _stored(lead.life)[0] == "failed"
+
+
+def test_a_step_commits_once_the_peer_s_segment_manifest_arrives_through_the_c10d_store(lead: Lead) -> None:
+    """A peer does not wait for its segment at the checkpoint; the step commits when the manifest comes."""
+    record = lead.life.record
+    config = settings(record.output_dir, record.attempt)
+    assert config is not None, "the run's folder holds the attempt's segment marker"
+    for rank in range(WORLD):
+        events = [e if not isinstance(e, BatchDone) else dataclasses.replace(e, outputs=None)
+                  for e in _worker_events(rank)[:-1]]
+        events[-1] = dataclasses.replace(events[-1], segment=True)
+        for event in events:  # rank 0's own events, and rank 1's as the checkpoint's gather brings them
+            lead.life.handle(event)
+    own = Segments(config, record.run_id, record.attempt, 0)
+    own.add(0, 0, 0, {"y": np.zeros((2, 3), np.float32)})
+    own.seal(1)
+    for event in own.drain():
+        lead.life.handle(event)
+    lead._poll(1, Signals())
+    assert lead.life.sup.committed == set(), "rank 1's segment has not arrived: the step waits"
+    peer = Segments(config, record.run_id, record.attempt, 1)
+    peer.add(1, 0, 2, {"y": np.ones((2, 3), np.float32)})
+    peer.seal(1)
+    sink = PeerSink(1, lead.channel)
+    sink.emit(peer.drain()[0])
+    lead.channel.publish_progress(1, sink.counters())
+    lead._poll(2, Signals())
+    assert lead.life.sup.committed == {0, 1, 2, 3}, "committed at the flusher's poll, not at a later checkpoint"
+    for rank in range(WORLD):
+        lead.life.handle(WorkerFinished(rank, Status.DONE))
+    lead.life.finish(*lead.life.decide(WORLD))
+    assert _stored(lead.life) == ("done", [0, 1, 2, 3])
 
 
 def test_a_stop_file_reaches_every_rank_through_the_lead(lead: Lead) -> None:
