@@ -306,12 +306,13 @@ class TorchBatchProcessorContext:
 
 
 def _plain(value: Any) -> Any:
-    """Turn tensors into Python numbers/lists so metrics pickle cheaply."""
+    """Turn tensors and arrays into Python numbers/lists: they pickle cheaply, and a metric kept until its
+    batch commits cannot change when the caller writes into the tensor again."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.item() if value.size == 1 else value.tolist()
     return value
 
 

@@ -148,6 +148,9 @@ class _BatchLoop:
         self.segments = Segments(config, spec.run_id, spec.attempt, rank) if config is not None else None
         self.failures = 0  # batches skipped under on_error="skip"
         self.sink_checks = pickles(sink)  # the sink's own pickling checks inline outputs: no second pickle
+        # Outputs held after the batch (in a segment, or a sink that ships at checkpoints) are copied:
+        # a sink that pickles at once has its own snapshot.
+        self.keeps_outputs = self.segments is not None or not self.sink_checks
         self.processor: Any = None  # built by `run`, with the loader
         self.batches: Iterator[Any] = iter(())
 
@@ -213,7 +216,7 @@ class _BatchLoop:
         self.ledger.global_batch = g
         try:
             value = self.processor.process_batch(batch=next(self.batches), batch_idx=batch_idx)
-            columns = to_columns(value, len(indices), self.keys)
+            columns = to_columns(value, len(indices), self.keys, copy=self.keeps_outputs)
             segmented = self._segmented(columns)
             if columns is not None and (segmented or not self.sink_checks):
                 check_picklable(columns)  # else the pipe's own pickling checks them, once

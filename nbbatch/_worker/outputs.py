@@ -24,7 +24,18 @@ class OutputError(ValueError):
     """The return value of ``process_batch`` cannot be stored as one row per sample."""
 
 
-def _column(name: str, value: Any, rows: int) -> Any:
+def _own(value: Any) -> Any:
+    """A copy of a CPU tensor or array the processor may still write into (a buffer reused across batches)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone() if value.device.type == "cpu" else value  # `.cpu()` will copy it
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
+
+
+def _column(name: str, value: Any, rows: int, copy: bool) -> Any:
+    if copy:
+        value = [_own(v) for v in value] if isinstance(value, (list, tuple)) else _own(value)
     if isinstance(value, torch.Tensor):
         value = value.detach()
         if value.dtype == torch.bfloat16 or value.dtype == torch.float16:
@@ -120,11 +131,14 @@ class KeyCase:
             self.known.setdefault(key.casefold(), key)
 
 
-def to_columns(value: Any, rows: int, keys: KeyCase | None = None) -> dict[str, Any] | None:
+def to_columns(value: Any, rows: int, keys: KeyCase | None = None, copy: bool = False) -> dict[str, Any] | None:
     """Columns of one batch's outputs, or None when ``process_batch`` returned None.
 
     A tensor or array becomes column ``output``; a dict gives one column per key. ``keys`` holds
-    the keys known so far (a fresh `KeyCase` when None); it is not updated here.
+    the keys known so far (a fresh `KeyCase` when None); it is not updated here. With ``copy``,
+    no column shares memory with what the processor returned: for columns kept after the batch
+    (a segment, a torchrun peer's buffer), since a processor may return a view of a buffer it
+    fills again in the next batch.
     """
     if value is None:
         return None
@@ -141,5 +155,5 @@ def to_columns(value: Any, rows: int, keys: KeyCase | None = None) -> dict[str, 
         if name in RESERVED:
             raise OutputError(f"output key {name!r} is reserved for the row's identity; rename it")
     (keys or KeyCase()).check(list(value))
-    columns = {name: _column(name, column, rows) for name, column in value.items()}
+    columns = {name: _column(name, column, rows, copy) for name, column in value.items()}
     return columns or None

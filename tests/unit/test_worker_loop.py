@@ -15,6 +15,8 @@ from multiprocessing import Pipe
 from typing import Any
 
 import cloudpickle
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -282,6 +284,43 @@ def test_a_segment_holds_no_rows_of_a_failed_batch(tmp_path: pathlib.Path) -> No
     assert rows == [[0] * BATCH, [2] * BATCH]
 
 
+def reusing_a_buffer() -> type[Returning]:
+    """A processor that returns views of one buffer (a tensor and an array) it fills again for every batch."""
+    tensor, array = torch.zeros(BATCH), np.zeros((BATCH, 2))
+
+    def output(batch: torch.Tensor, batch_idx: int) -> Any:
+        tensor[: len(batch)] = batch
+        array[: len(batch)] = batch.numpy()[:, None]
+        return {"t": tensor[: len(batch)], "a": array[: len(batch)], "l": [tensor[k] for k in range(len(batch))]}
+
+    return processor(output)
+
+
+@pytest.mark.parametrize("where", ["segment", "held in the sink"])
+def test_outputs_kept_after_the_batch_do_not_change_when_the_processor_reuses_its_buffer(
+        tmp_path: pathlib.Path, where: str) -> None:
+    """Each batch's rows are its own, in a segment and in a sink that ships at checkpoints (torchrun)."""
+    if where == "segment":
+        folder = tmp_path / SEGMENT_FOLDER
+        folder.mkdir()
+        (folder / marker_name(1)).write_text(json.dumps({"inline_bytes": 0}))
+    status, events = run(tmp_path, reusing_a_buffer())
+    assert status is Status.DONE
+    if where == "segment":
+        written = [e for e in events if isinstance(e, SegmentWritten)]
+        table = pa.concat_tables(pq.read_table(tmp_path / SEGMENT_FOLDER / w.file) for w in written)
+        rows = table.select(["sample_index", "t", "a", "l"]).to_pylist()
+        got = {r["sample_index"]: (r["t"], r["a"], r["l"]) for r in rows}
+    else:
+        got = {}
+        for e in events:
+            if isinstance(e, BatchDone):
+                for k in range(e.rows):
+                    got[BATCH * e.global_batch + k] = (float(e.outputs["t"][k]), list(e.outputs["a"][k]),
+                                                       float(e.outputs["l"][k]))
+    assert got == {i: (float(i), [float(i)] * 2, float(i)) for i in range(N)}
+
+
 # -- the ledger ---------------------------------------------------------------------------------------
 
 
@@ -299,3 +338,15 @@ def test_the_context_reports_into_the_loops_ledger(tmp_path: pathlib.Path) -> No
     taken = ledger.take_metrics()
     assert isinstance(taken[0], MetricRecord) and taken[0].metrics == (("loss", 0.5),) and ledger.take_metrics() == ()
     assert ledger.reduce([ledger.per_slot_states()]) == {"order": [1.5]}
+
+
+def test_reported_metrics_are_values_taken_when_reported(tmp_path: pathlib.Path) -> None:
+    """A metric waits for its batch's commit; an array or tensor written into later must not change it."""
+    ledger = Ledger()
+    context = worker_context(ledger, 0, 1, 0, tmp_path)
+    tensor, array = torch.tensor([1.0, 2.0]), np.array([3.0, 4.0])
+    context.report_metrics("g", 1, {"t": tensor, "a": array, "one": np.array([5]), "s": np.float32(0.5)})
+    tensor[:] = 0
+    array[:] = 0
+    (record,) = ledger.take_metrics()
+    assert dict(record.metrics) == {"t": [1.0, 2.0], "a": [3.0, 4.0], "one": 5, "s": 0.5}

@@ -70,18 +70,27 @@ def fill(path: str) -> None:
 
 
 class Double(TorchBatchProcessor):
-    """Returns 2x each sample; sums every sample in a reducer; sleeps $NBBATCH_TEST_SLEEP per batch."""
+    """Returns 2x each sample; sums every sample in a reducer; sleeps $NBBATCH_TEST_SLEEP per batch.
+
+    ``y`` is a view of one buffer filled again for every batch, as inference code that preallocates
+    its outputs does: the store must keep each batch's own values.
+    """
 
     def __init__(self, context):
         self.context = context
         self.total = context.wrap_reducer(lambda values: sum(sum(v) for v in values), name="total")
         self.sleep = float(os.environ.get("NBBATCH_TEST_SLEEP", "0"))
+        self.out = torch.empty(0)
 
     def process_batch(self, batch, batch_idx):
         self.total.update([int(x) for x in batch])
         if self.sleep:
             time.sleep(self.sleep)
-        return {"y": batch * 2, "worker": torch.full((len(batch),), self.context.get_distributed_rank())}
+        out = self.out
+        if len(out) < len(batch) or out.dtype != batch.dtype or out.shape[1:] != batch.shape[1:]:
+            self.out = out = torch.empty_like(batch)
+        y = torch.mul(batch, 2, out=out[: len(batch)])
+        return {"y": y, "worker": torch.full((len(batch),), self.context.get_distributed_rank())}
 
 
 class Failing(Double):
