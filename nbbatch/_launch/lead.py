@@ -109,7 +109,7 @@ class _LeadSink:
                 for event in events:
                     lead.life.sup.handle(event)
                 lead.apply(rank, counters, force=True)
-            lead.collect_segments()
+        lead.collect_segments()  # with the counters just gathered; reads the c10d store, so outside the lock
         lead.life.flush(report=False)
 
 
@@ -141,10 +141,8 @@ class Lead:
         """Take the segment manifests other ranks' counters say they published (their steps may commit now)."""
         with self.life.lock:
             published = dict(self.published)
-        segments = self.channel.read_segments(published)
-        with self.life.lock:
-            for event in segments:
-                self.life.sup.handle(event)
+        for event in self.channel.read_segments(published):
+            self.life.handle(event)
 
     def fail(self, events: dict[int, BatchFailed], error: BaseException | None = None) -> None:
         """Record fatal errors (by publishing rank), store the end, tell every rank, leave if stuck."""

@@ -126,7 +126,7 @@ class Supervisor:
         ready = self.ready.get(event.step, {}).get(event.rank)
         if ready is not None:
             ready[0].segment = event
-        else:  # sent before its checkpoint (a torchrun peer finishes the write first)
+        else:  # before its checkpoint: a torchrun peer's manifest comes by the c10d store, its checkpoint by a gather
             self.early_segments[(event.step, event.rank)] = event
 
     def _reduced(self, event: Reduced) -> None:
