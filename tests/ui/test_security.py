@@ -9,13 +9,14 @@ button; and a run whose outputs are 2 MB strings, whose page must stay small.
 from __future__ import annotations
 
 import asyncio
-import threading
+import http.client
 import os
 import pathlib
 import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,6 +130,21 @@ def test_http_needs_the_token_and_an_allowed_host(served: Any) -> None:
         assert requests.get(base + "/", headers={"Authorization": f"token {token}"}).status_code == 200
         assert requests.get(f"http://127.0.0.1:{served.port}//{EVIL}/?token={token}",
                             allow_redirects=False).headers["Location"] == f"/{EVIL}/"  # never an open redirect
+
+
+def test_stopping_the_server_closes_connections_still_open(served: Any) -> None:
+    """A browser's keep-alive connection is closed by the server's stop, not left to the garbage collector
+    (which warned about the unclosed socket in whichever later test it ran)."""
+    client = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    try:
+        client.request("GET", "/?token=" + served.access.token)
+        assert client.getresponse().read() is not None  # answered; the connection stays open (HTTP/1.1)
+        served.stop()
+        served.join(10)
+        assert not served.is_alive()
+        assert client.sock is not None and client.sock.recv(1) == b"", "the server closed its end"
+    finally:
+        client.close()
 
 
 def _ws_status(port: int, headers: dict[str, str]) -> int:

@@ -197,7 +197,11 @@ def _serve_in_thread(panels: dict[str, Any], access: Any, options: dict[str, Any
         ready.put(server)
         server.start()
         loop.start()  # until the thread's stop() stops the loop
-        return server
+        server.stop()
+        # Connections still open (a browser's keep-alive, a websocket) are closed here, not left to
+        # the garbage collector, which would warn about each unclosed socket wherever it runs next.
+        loop.close(all_fds=True)
+        return None  # stopped and closed: nothing left for StoppableThread to stop
 
     server_id = uuid.uuid4().hex
     thread = StoppableThread(target=run, io_loop=loop, kwargs={"server_id": server_id}, owns_loop=True)
